@@ -18,8 +18,10 @@ def scale_to_unit_range(x, low, high):
   """Clips ``x`` to [low, high] and maps it linearly to [-1, 1] (float32)."""
   if not high > low:
     raise ValueError(f"normalisation range must satisfy high > low, got ({low}, {high})")
+  low, high = np.float32(low), np.float32(high)
   x = np.clip(np.asarray(x, dtype=np.float32), low, high)
-  return ((x - low) * (2.0 / (high - low)) - 1.0).astype(np.float32)
+  # Divide (not multiply by a reciprocal) so that x == high maps to exactly 1.
+  return ((x - low) / (high - low) * np.float32(2.0) - np.float32(1.0)).astype(np.float32)
 
 
 def normalize_ct(hu, window=CT_WINDOW_HU):
