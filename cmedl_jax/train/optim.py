@@ -17,12 +17,19 @@ def constant_then_linear_decay(learning_rate, total_steps, decay_start_fraction=
 
 
 def make_optimizer(cfg, total_steps):
-  """Adam with the schedule of ``cfg`` (fields: lr, b1, b2, decay_start_fraction, weight_decay, grad_clip)."""
+  """Adam (or plain SGD, ``name="sgd"``, for exactness tests) with the schedule of ``cfg``.
+
+  Fields: name ("adam"), lr, b1, b2, decay_start_fraction, weight_decay, grad_clip.
+  """
   schedule = constant_then_linear_decay(cfg.lr, total_steps, cfg.get("decay_start_fraction", 0.5))
   chain = []
   if cfg.get("grad_clip", 0.0):
     chain.append(optax.clip_by_global_norm(cfg.grad_clip))
-  if cfg.get("weight_decay", 0.0):
+  if cfg.get("name", "adam") == "sgd":
+    chain.append(optax.sgd(schedule))
+  elif cfg.get("name", "adam") != "adam":
+    raise ValueError(f"unknown optimizer {cfg.name!r}; expected 'adam' or 'sgd'")
+  elif cfg.get("weight_decay", 0.0):
     chain.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
   else:
     chain.append(optax.adam(schedule, b1=cfg.b1, b2=cfg.b2))

@@ -1,0 +1,79 @@
+"""The train state pytree and its creation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from cmedl_jax.train import image_pool, optim
+from cmedl_jax.train.networks import Networks, init_variables
+
+AXIS = "data"
+GROUPS = ("gen", "disc", "seg")
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training, as one pytree.
+
+  Attributes:
+    step: () int32.
+    params: {network name: params} for the networks of the method.
+    batch_stats: {segmenter name: BatchNorm statistics}.
+    opt_state: {group: optax state} for the groups in use.
+    pools: {"mr": pool, "ct": pool} of generated images (CycleGAN history).
+    rng: PRNG key; the step's randomness is ``fold_in(rng, step)``.
+  """
+
+  step: Any
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  pools: Any
+  rng: Any
+
+
+def param_group(name):
+  """Which optimizer group a network belongs to."""
+  if name in ("gen_ct2mr", "gen_mr2ct", "nce_head"):
+    return "gen"
+  if name in ("disc_mr", "disc_ct"):
+    return "disc"
+  return "seg"
+
+
+def split_groups(tree):
+  out = {g: {} for g in GROUPS}
+  for name, value in tree.items():
+    out[param_group(name)][name] = value
+  return {g: v for g, v in out.items() if v}
+
+
+def network_names(nets: Networks):
+  """Names of the networks the run uses (the keys of ``params``)."""
+  names = ("gen_ct2mr", "gen_mr2ct", "disc_mr", "disc_ct", "nce_head", "teacher", "student")
+  return [n for n in names if getattr(nets, n) is not None]
+
+
+def make_optimizers(cfg, nets: Networks):
+  """One optax optimizer per parameter group in use (gen, disc, seg), from ``cfg.optim[group]``."""
+  groups = [g for g in GROUPS if any(param_group(n) == g for n in network_names(nets))]
+  return {group: optim.make_optimizer(cfg.optim[group], cfg.train.total_steps) for group in groups}
+
+
+def create_train_state(nets: Networks, cfg, optimizers, key, image_shape) -> TrainState:
+  """Initial state: params, BN statistics, optimizer states, empty pools, rng, step 0. Jit it (fast init)."""
+  init_key, train_key = jax.random.split(key)
+  params, batch_stats = init_variables(nets, init_key, image_shape)
+  grouped = split_groups(params)
+  opt_state = {group: opt.init(grouped[group]) for group, opt in optimizers.items()}
+  pools = {}
+  if nets.disc_mr is not None:
+    pools["mr"] = image_pool.init_pool(cfg.pool_size, image_shape)
+  if nets.disc_ct is not None:
+    pools["ct"] = image_pool.init_pool(cfg.pool_size, image_shape)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats, opt_state=opt_state,
+                    pools=pools, rng=train_key)
