@@ -16,7 +16,8 @@ data.num_workers           grain worker processes (0: in-process; values never c
 model.segmenter            "unet" | "densefcn" | "pspnet" (teacher and student share it)
 model.segmenter_kwargs     passed to the segmenter (e.g. features=(8, 16, 32, 32) for tiny U-Nets)
 model.num_classes          2 (background, tumor)
-model.hint_layers          indices into the segmenter's decoder feature list: (-2, -1) = last two maps
+model.hint_features        names of the distilled decoder feature maps; () = the segmenter's last two decoder
+                           maps (its hint_feature_names(), e.g. U-Net ("up3", "up4"))
 model.generator            ResnetGenerator fields: base_features 64, num_blocks 9, use_dropout False
 model.discriminator        PatchGAN fields: base_features 64, num_layers 3 (70x70)
 model.nce                  CUT: layers (0, 4, 8, 12, 16), num_patches 256, temperature 0.07, mlp_features 256
@@ -58,7 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
       phantoms=dict(out="", num_ct=12, num_mri=12, size=128, slices=48, seed=0)))
 
   c.model = ml_collections.ConfigDict(dict(
-      segmenter="unet", segmenter_kwargs={}, num_classes=2, hint_layers=(-2, -1),
+      segmenter="unet", segmenter_kwargs={}, num_classes=2, hint_features=(),
       generator=dict(base_features=64, num_blocks=9, use_dropout=False),
       discriminator=dict(base_features=64, num_layers=3),
       nce=dict(layers=(0, 4, 8, 12, 16), num_patches=256, temperature=0.07, mlp_features=256)))

@@ -24,6 +24,8 @@ from typing import Optional
 
 from cmedl_jax.errors import DataError
 
+log = logging.getLogger(__name__)
+
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 DEFAULT_LABELS = {"background": 0, "tumor": 1}
 
@@ -192,11 +194,11 @@ def load_dataset(root, *, require_labels=False) -> DatasetIndex:
     orphans = [n for n in sorted(os.listdir(labels_dir)) if _strip_ending(n)[0] not in known and
                _strip_ending(n)[0] is not None]
     if orphans:
-      logging.warning("%s: %d label file(s) without an image are ignored: %s", labels_dir, len(orphans),
+      log.warning("%s: %d label file(s) without an image are ignored: %s", labels_dir, len(orphans),
                       ", ".join(orphans[:5]))
   n_declared = meta.get("numTraining")
   if isinstance(n_declared, int) and n_declared != len(cases):
-    logging.warning("%s: numTraining says %d but %d case(s) were found", json_path, n_declared, len(cases))
+    log.warning("%s: numTraining says %d but %d case(s) were found", json_path, n_declared, len(cases))
   return DatasetIndex(root=root, modality=_modality_from_meta(meta),
                       labels=_labels_from_meta(json_path, meta), cases=tuple(sorted(cases, key=lambda c: c.case_id)))
 

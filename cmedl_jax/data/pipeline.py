@@ -34,6 +34,8 @@ import numpy as np
 
 from cmedl_jax.data import dataset_index, nifti_io, preprocess
 
+log = logging.getLogger(__name__)
+
 # A MapDataset needs a length; this is "forever" for any training run (2**40 examples).
 ENDLESS = 2 ** 40
 
@@ -97,7 +99,7 @@ def load_store(root, *, modality=None, require_labels=False, ct_window=preproces
       labels.append(preprocess.axial_slices(label.data))
     spacings.append(image.spacing)
     if log_every and ((i + 1) % log_every == 0 or i + 1 == len(index.cases)):
-      logging.info("loaded %d/%d %s volumes from %s", i + 1, len(index.cases), modality, root)
+      log.info("loaded %d/%d %s volumes from %s", i + 1, len(index.cases), modality, root)
   return SliceStore(modality=modality, case_ids=[c.case_id for c in index.cases], images=images,
                     labels=labels if labels and len(labels) == len(images) else None, spacings=spacings)
 
@@ -119,7 +121,7 @@ class UnpairedExampleMaker:
     if not 0.0 <= self.foreground_fraction <= 1.0:
       raise ValueError(f"foreground_fraction must lie in [0, 1], got {foreground_fraction}")
     if self.foreground_fraction > 0 and len(self.ct_foreground) == 0:
-      logging.warning("no CT slice contains label %d: foreground oversampling is disabled", foreground_label)
+      log.warning("no CT slice contains label %d: foreground oversampling is disabled", foreground_label)
 
   def __call__(self, global_index):
     rng = np.random.default_rng([self.seed, int(global_index)])

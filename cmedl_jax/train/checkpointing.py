@@ -14,6 +14,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+log = logging.getLogger(__name__)
+
 
 class RunCheckpointer:
   """Saves and restores {state, data iterator, config} under ``WORKDIR/checkpoints``."""
@@ -40,7 +42,7 @@ class RunCheckpointer:
                                 config=ocp.args.JsonSave(json.loads(json.dumps(config_dict, default=str)))),
         force=force)
     if saved:
-      logging.info("checkpoint %d -> %s", step, self.directory)
+      log.info("checkpoint %d -> %s", step, self.directory)
     return saved
 
   def restore(self, step, abstract_state, data_iterator):

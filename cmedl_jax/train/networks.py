@@ -8,13 +8,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from cmedl_jax.models import patchnce
-
-
-def _as_list(features):
-  if isinstance(features, dict):
-    return list(features.values())
-  return list(features)
+from cmedl_jax.models import build, patchnce
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,13 +45,18 @@ class Networks:
     return module.apply({"params": params}, x, train=True)
 
   def segment(self, module, params, batch_stats, x, train=True):
-    """Returns (logits, list of decoder features, new batch_stats)."""
+    """Returns (logits, {name: decoder feature map}, new batch_stats)."""
     if train:
       (logits, features), updates = module.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
                                                  mutable=["batch_stats"])
-      return logits, _as_list(features), updates["batch_stats"]
+      return logits, features, updates["batch_stats"]
     logits, features = module.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
-    return logits, _as_list(features), batch_stats
+    return logits, features, batch_stats
+
+  def hint_names(self, configured=()):
+    """The distillation feature names: ``configured`` if given, else the segmenter's last two decoder maps."""
+    module = self.student if self.student is not None else self.teacher
+    return tuple(configured) if configured else tuple(module.hint_feature_names())
 
   def patch_nce(self, g_params, head_params, source, translated, key):
     """CUT's NCE loss between ``source`` and its translation (same patch locations for both)."""
@@ -72,7 +71,6 @@ class Networks:
 
 def build_networks(cfg, bn_axis_name: Optional[str] = "data") -> Networks:
   """Instantiates the networks ``cfg.method`` / ``cfg.translator`` need."""
-  from cmedl_jax.models import build  # noqa: PLC0415 (TODO: module-level once build.py lands)
   m = cfg.model
   uses_translator = cfg.method != "ct_only"
   cyclegan = uses_translator and cfg.translator == "cyclegan"
@@ -90,7 +88,7 @@ def build_networks(cfg, bn_axis_name: Optional[str] = "data") -> Networks:
       gen_mr2ct=gen() if cyclegan else None,
       disc_mr=disc() if uses_translator else None,
       disc_ct=disc() if cyclegan else None,
-      nce_head=patchnce.PatchSampleMLP(features=m.nce.mlp_features) if cut else None,
+      nce_head=build.build_patch_sampler(features=m.nce.mlp_features) if cut else None,
       teacher=seg() if cfg.method in ("cmedl", "pmri_only") else None,
       student=seg() if cfg.method != "pmri_only" else None,
       student_in_channels=2 if cfg.method == "ct_pmri_concat" else 1,

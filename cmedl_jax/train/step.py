@@ -138,8 +138,8 @@ def compute_losses(params, batch_stats, pools, batch, key, *, nets: Networks, cf
     total = total + student_loss
     images["student_logits"] = s_logits
     if method == "cmedl" and lc.lambda_hint > 0:
-      layers = list(cfg.model.hint_layers)
-      hint = losses.hint_loss([student_features[i] for i in layers], [teacher_features[i] for i in layers])
+      names = nets.hint_names(cfg.model.hint_features)
+      hint = losses.hint_loss([student_features[n] for n in names], [teacher_features[n] for n in names])
       metrics["hint"] = hint
       total = total + lc.lambda_hint * hint
 

@@ -1,0 +1,46 @@
+"""``cmedl-train --config configs/FILE.py[:ARG] --workdir DIR [--config.x=y ...]``.
+
+Trains (or resumes, from DIR/checkpoints) the run described by the config file; see configs/README.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from cmedl_jax.errors import DataError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file with get_config(arg).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics, previews.")
+_NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "Disable the progress bar.")
+
+
+def run(argv):
+  del argv
+  from cmedl_jax.train import trainer  # after flag parsing: keeps --help fast
+  # Our progress at INFO; the libraries' (orbax, absl) chatter only from WARNING up.
+  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", force=True)
+  logging.getLogger("cmedl_jax").setLevel(logging.INFO)
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  try:
+    result = trainer.train(_CONFIG.value, _WORKDIR.value, progress=not _NO_PROGRESS.value)
+  except (DataError, trainer.NonFiniteLossError) as e:
+    print(f"ERROR {e}", file=sys.stderr)
+    return 1
+  how = "stopped by SIGTERM" if result.stopped_by_signal else "done"
+  print(f"{how} at step {result.final_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in
+                                                         sorted(result.last_metrics.items())))
+  return 0
+
+
+def main():
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(lambda argv: sys.exit(run(argv)))
+
+
+if __name__ == "__main__":
+  main()

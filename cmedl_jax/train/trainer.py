@@ -1,0 +1,285 @@
+"""The CMEDL trainer: data, state, the jitted step, logging, previews, checkpoints.
+
+Resume order (any interruption, including SIGTERM on preemption, restarts here with the same workdir):
+  1. the config is taken from the command line (the checkpoint's resolved config is only written, never read,
+     so a run can be resumed with, e.g., more steps);
+  2. the latest checkpoint of WORKDIR/checkpoints is restored into the abstract state (params, BN statistics,
+     optimizer states, image pools, rng, step) and the grain iterator is rewound to the batch after it;
+  3. training continues from state.step; the step's randomness is fold_in(rng, step), so the continuation is the
+     same as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cmedl_jax.data import pipeline
+from cmedl_jax.train import checkpointing, networks, state as state_lib, step as step_lib
+from cmedl_jax.utils import png
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+  """Raised when a loss becomes NaN/Inf; the last good checkpoint is left untouched."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+  final_step: int
+  last_metrics: dict
+  history: list
+  stopped_by_signal: bool = False
+
+
+class _SigtermFlag:
+  """Turns SIGTERM into a flag checked once per step (save, then exit cleanly)."""
+
+  def __init__(self):
+    self.raised = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread: no signal handling
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    log.warning("SIGTERM received: saving a checkpoint and stopping")
+    self.raised = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+class MetricWriter:
+  """Scalars to WORKDIR/metrics.csv and (when tensorboardX is installed) TensorBoard event files."""
+
+  def __init__(self, workdir, enabled=True):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, "metrics.csv")
+    self._fields = None
+    self._tb = None
+    if enabled:
+      try:
+        from tensorboardX import SummaryWriter
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      except ImportError:
+        log.info("tensorboardX not installed: metrics go to %s only", self.path)
+
+  def write(self, step, metrics):
+    if not self.enabled:
+      return
+    row = {"step": int(step), **{k: float(v) for k, v in sorted(metrics.items())}}
+    if self._fields is None:
+      exists = os.path.exists(self.path)
+      if exists:
+        with open(self.path) as f:
+          self._fields = next(csv.reader(f), None)
+      if not self._fields or set(self._fields) != set(row):
+        self._fields = list(row)
+        if exists:  # a resumed run with other metrics: start a new file rather than mixing columns
+          os.replace(self.path, self.path + f".{int(time.time())}.old")
+        with open(self.path, "w", newline="") as f:
+          csv.writer(f).writerow(self._fields)
+    with open(self.path, "a", newline="") as f:
+      csv.DictWriter(f, self._fields).writerow(row)
+    if self._tb is not None:
+      for k, v in row.items():
+        if k != "step":
+          self._tb.add_scalar(f"train/{k}", v, row["step"])
+      self._tb.flush()
+
+  def close(self):
+    if self._tb is not None:
+      self._tb.close()
+
+
+def write_preview(path, batch, images, max_rows=4):
+  """PNG grid, one row per example: CT, pMRI, reconstructed CT, MRI, label, teacher mask, student mask."""
+  n = min(max_rows, batch["ct"].shape[0])
+  gray = lambda x: np.repeat(png.to_uint8(x)[..., None], 3, -1)  # noqa: E731
+  tiles = []
+  for i in range(n):
+    ct = png.to_uint8(batch["ct"][i, ..., 0])
+    row = [gray(batch["ct"][i, ..., 0])]
+    for key in ("pmri", "rec_ct"):
+      if key in images:
+        row.append(gray(images[key][i, ..., 0]))
+    row.append(gray(batch["mri"][i, ..., 0]))
+    row.append(png.overlay_mask(ct, batch["ct_label"][i] > 0, color=(64, 255, 64)))
+    for key in ("teacher_logits", "student_logits"):
+      if key in images:
+        row.append(png.overlay_mask(ct, np.argmax(images[key][i], -1) > 0, color=(255, 64, 64)))
+    tiles.extend(row)
+  return png.write_png(path, png.tile(tiles, columns=len(tiles) // n))
+
+
+def ensure_data(cfg):
+  """Generates phantoms when asked to and the data folders are missing; returns (ct_dir, mri_dir)."""
+  d = cfg.data
+  ct_dir, mri_dir = d.ct_dir, d.mri_dir
+  if d.make_phantoms and not (ct_dir and os.path.isdir(ct_dir) and mri_dir and os.path.isdir(mri_dir)):
+    from cmedl_jax.data import phantoms
+    out = d.phantoms.out or os.path.join(os.path.dirname(os.path.abspath(ct_dir or ".")), "phantoms")
+    ct_dir, mri_dir = os.path.join(out, "CT"), os.path.join(out, "MRI")
+    if not (os.path.isdir(ct_dir) and os.path.isdir(mri_dir)):
+      log.info("generating phantoms into %s", out)
+      phantoms.write_phantom_dataset(out, num_ct=d.phantoms.num_ct, num_mri=d.phantoms.num_mri,
+                                     seed=d.phantoms.seed, shape=(d.phantoms.size, d.phantoms.size,
+                                                                  d.phantoms.slices))
+  if not ct_dir or not mri_dir:
+    raise ValueError("set config.data.ct_dir and config.data.mri_dir (or config.data.make_phantoms=True)")
+  return ct_dir, mri_dir
+
+
+def _to_host(tree, backend):
+  tree = jax.device_get(tree)
+  return step_lib.unreplicate(tree) if backend == "pmap" else tree
+
+
+def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
+  """Trains (or resumes) the run of ``cfg`` in ``workdir``.
+
+  Args:
+    cfg: a config from ``configs/*.py`` (see :mod:`cmedl_jax.config_base`).
+    workdir: checkpoints, metrics.csv, TensorBoard logs, previews and config.json go here.
+    progress: show a progress bar.
+    max_steps: stop after this many steps in this call (for tests of interruption); default run to
+      ``cfg.train.total_steps``.
+
+  Raises:
+    NonFiniteLossError: a loss became NaN/Inf (nothing is saved for that step).
+  """
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  backend = cfg.train.backend
+  # ======================================================================== data
+  ct_dir, mri_dir = ensure_data(cfg)
+  d = cfg.data
+  ct = pipeline.load_store(ct_dir, modality="CT", require_labels=True, ct_window=tuple(d.ct_window))
+  mri = pipeline.load_store(mri_dir, modality="MRI", mri_percentiles=tuple(d.mri_percentiles))
+  dataset = pipeline.make_train_dataset(ct, mri, global_batch_size=d.global_batch_size, crop_size=d.crop_size,
+                                        seed=d.seed, foreground_fraction=d.foreground_fraction)
+  data_iter = pipeline.make_train_iterator(dataset, num_workers=d.num_workers)
+  log.info("data: %d CT volumes (%d slices), %d MRI volumes (%d slices)", len(ct.images),
+               len(ct.slice_table), len(mri.images), len(mri.slice_table))
+
+  # ======================================================================== model and state
+  mesh = step_lib.make_mesh()
+  n_dev = mesh.devices.size
+  if d.global_batch_size % n_dev:
+    raise ValueError(f"data.global_batch_size={d.global_batch_size} must be divisible by the {n_dev} devices")
+  nets = networks.build_networks(cfg)
+  optimizers = state_lib.make_optimizers(cfg, nets)
+  image_shape = (d.crop_size, d.crop_size, 1)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  init_fn = jax.jit(lambda key: state_lib.create_train_state(nets, cfg, optimizers, key, image_shape),
+                    out_shardings=replicated)
+  abstract_state = jax.eval_shape(init_fn, jax.random.key(cfg.seed))
+  abstract_state = checkpointing.abstract_like(abstract_state, replicated)
+  ckpt = checkpointing.RunCheckpointer(workdir, max_to_keep=cfg.train.keep_checkpoints,
+                                       async_save=cfg.train.async_checkpoint)
+  latest = ckpt.latest_step()
+  if latest is not None:
+    # Resume: state and data position come from the checkpoint (see the module docstring for the order).
+    state = ckpt.restore(latest, abstract_state, data_iter)
+    log.info("resumed from %s at step %d", ckpt.directory, int(state.step))
+  else:
+    t0 = time.time()
+    state = init_fn(jax.random.key(cfg.seed))
+    log.info("initialised in %.1f s", time.time() - t0)
+  n_params = {name: int(sum(np.prod(x.shape) for x in jax.tree.leaves(p))) for name, p in
+              abstract_state.params.items()}
+  log.info("parameters: %s", ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in n_params.items()))
+  config_dict = cfg.to_dict()
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(config_dict, f, indent=2, default=str)
+
+  train_step = step_lib.make_train_step(nets, cfg, optimizers, mesh=mesh, backend=backend)
+  if backend == "pmap":
+    state = step_lib.replicate(state)
+
+  def device_batch(host_batch):
+    arrays = {k: host_batch[k] for k in ("ct", "ct_label", "mri")}
+    if backend == "pmap":
+      return jax.tree.map(lambda x: x.reshape((jax.local_device_count(), -1) + x.shape[1:]), arrays)
+    return step_lib.shard_batch(arrays, mesh)
+
+  def save(step_number, force=False):
+    ckpt.save(step_number, _to_host(state, backend) if backend == "pmap" else state, data_iter, config_dict,
+              force=force)
+
+  # ======================================================================== training loop
+  start_step = int(_to_host(state.step, backend))
+  total_steps = int(cfg.train.total_steps)
+  end_step = total_steps if max_steps is None else min(total_steps, start_step + int(max_steps))
+  writer = MetricWriter(workdir, enabled=is_main)
+  history, last_metrics, stopped = [], {}, False
+  bar = None
+  if progress and is_main:
+    from tqdm import tqdm
+    bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+  step_number = start_step
+  t_last, steps_since = time.time(), 0
+  try:
+    with _SigtermFlag() as sigterm:
+      while step_number < end_step:
+        host_batch = next(data_iter)
+        state, metrics, images = train_step(state, device_batch(host_batch))
+        step_number += 1
+        steps_since += 1
+        metrics = _to_host(metrics, backend)
+        # Every step: a NaN would otherwise be saved into the next checkpoint.
+        if not all(math.isfinite(float(v)) for v in metrics.values()):
+          bad = {k: float(v) for k, v in metrics.items() if not math.isfinite(float(v))}
+          raise NonFiniteLossError(
+              f"non-finite loss at step {step_number}: {bad}; stopping. The last good checkpoint "
+              f"(step {ckpt.latest_step()}) in {ckpt.directory} is kept; lower the learning rates or check the "
+              "data (cmedl-data check) before resuming.")
+        last_metrics = {k: float(v) for k, v in metrics.items()}
+        if step_number % cfg.train.log_every == 0 or step_number == end_step:
+          elapsed = time.time() - t_last
+          last_metrics["steps_per_second"] = steps_since / max(elapsed, 1e-9)
+          t_last, steps_since = time.time(), 0
+          writer.write(step_number, last_metrics)
+          history.append({"step": step_number, **last_metrics})
+        if bar is not None:
+          bar.update(1)
+          bar.set_postfix({k: f"{last_metrics[k]:.3f}" for k in ("total", "student_seg", "teacher_seg", "hint")
+                           if k in last_metrics})
+        if is_main and cfg.train.preview_every and (step_number % cfg.train.preview_every == 0
+                                                    or step_number == end_step):
+          images_host = jax.device_get(images)
+          if backend == "pmap":
+            images_host = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), images_host)
+          write_preview(os.path.join(workdir, "previews", f"step_{step_number:07d}.png"), host_batch,
+                        images_host)
+        if step_number % cfg.train.checkpoint_every == 0 or step_number == end_step:
+          save(step_number)
+        if sigterm.raised:
+          save(step_number, force=True)
+          stopped = True
+          break
+  finally:
+    if bar is not None:
+      bar.close()
+    ckpt.close()
+    writer.close()
+  return TrainResult(final_step=step_number, last_metrics=last_metrics, history=history, stopped_by_signal=stopped)
