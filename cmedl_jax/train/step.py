@@ -166,7 +166,7 @@ def make_per_device_step(nets: Networks, cfg, optimizers):
       updates, new_opt_state[group] = opt.update(grouped_grads[group], state.opt_state[group],
                                                  grouped_params[group])
       new_params.update(optax.apply_updates(grouped_params[group], updates))
-      metrics[f"grad_norm_{group}"] = optax.global_norm(grouped_grads[group])
+      metrics[f"grad_norm_{group}"] = optax.tree.norm(grouped_grads[group])
     new_state = state.replace(step=state.step + 1, params=new_params, batch_stats=batch_stats,
                               opt_state=new_opt_state, pools=pools)
     return new_state, metrics, images

@@ -1,0 +1,119 @@
+"""End-to-end training on tiny phantoms: outputs, kill-and-resume, SIGTERM, non-finite stop."""
+
+import csv
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from cmedl_jax.data import phantoms
+from cmedl_jax.train import step as step_lib
+from cmedl_jax.train import trainer
+from tests.tiny import tiny_config
+
+
+@pytest.fixture(scope="module")
+def phantom_dirs(tmp_path_factory):
+  out = tmp_path_factory.mktemp("phantoms")
+  phantoms.write_phantom_dataset(out, num_ct=3, num_mri=3, seed=0, shape=(48, 48, 12))
+  return str(out / "CT"), str(out / "MRI")
+
+
+def _config(phantom_dirs, total_steps=4, **train):
+  cfg = tiny_config()
+  cfg.data.ct_dir, cfg.data.mri_dir = phantom_dirs
+  cfg.train.update(total_steps=total_steps, **train)
+  return cfg
+
+
+def _losses(history):
+  return {h["step"]: h["total"] for h in history}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(phantom_dirs, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("full")
+  cfg = _config(phantom_dirs, preview_every=2, async_checkpoint=True)
+  return workdir, trainer.train(cfg, str(workdir), progress=False)
+
+
+def test_run_writes_metrics_checkpoints_previews_and_config(uninterrupted):
+  workdir, result = uninterrupted
+  assert result.final_step == 4 and len(result.history) == 4
+  rows = list(csv.DictReader(open(workdir / "metrics.csv")))
+  assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+  np.testing.assert_allclose([float(r["total"]) for r in rows], [h["total"] for h in result.history], rtol=1e-6)
+  for key in ("student_seg", "teacher_seg", "hint", "cycle", "d_mr"):
+    assert key in rows[0]
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
+  assert sorted(os.listdir(workdir / "previews")) == ["step_0000002.png", "step_0000004.png"]
+  assert open(workdir / "previews" / "step_0000004.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+  saved = json.load(open(workdir / "config.json"))
+  assert saved["method"] == "cmedl" and saved["train"]["total_steps"] == 4
+  assert any(name.startswith("events") for name in os.listdir(workdir / "tensorboard"))
+
+
+def test_kill_and_resume_gives_the_same_losses(phantom_dirs, uninterrupted, tmp_path):
+  _, full = uninterrupted
+  cfg = _config(phantom_dirs, preview_every=0, async_checkpoint=True)
+  first = trainer.train(cfg, str(tmp_path), progress=False, max_steps=2)  # "killed" after step 2's checkpoint
+  assert first.final_step == 2
+  second = trainer.train(cfg, str(tmp_path), progress=False)  # a fresh call restores step 2 and the data position
+  assert [h["step"] for h in second.history] == [3, 4]
+  resumed = {**_losses(first.history), **_losses(second.history)}
+  expected = _losses(full.history)
+  for step in (1, 2, 3, 4):
+    np.testing.assert_allclose(resumed[step], expected[step], rtol=1e-5, err_msg=f"step {step}")
+
+
+def test_sigterm_saves_and_stops(phantom_dirs, tmp_path, monkeypatch):
+  real_make = step_lib.make_train_step
+
+  def make_with_sigterm(*args, **kwargs):
+    inner = real_make(*args, **kwargs)
+    calls = {"n": 0}
+
+    def step(state, batch):
+      calls["n"] += 1
+      if calls["n"] == 3:
+        os.kill(os.getpid(), signal.SIGTERM)  # a preemption notice arriving during step 3
+      return inner(state, batch)
+    return step
+
+  monkeypatch.setattr(step_lib, "make_train_step", make_with_sigterm)
+  handler_before = signal.getsignal(signal.SIGTERM)
+  cfg = _config(phantom_dirs, total_steps=10, checkpoint_every=100)
+  result = trainer.train(cfg, str(tmp_path), progress=False)
+  assert result.stopped_by_signal and result.final_step == 3
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
+  assert signal.getsignal(signal.SIGTERM) is handler_before  # the trainer's handler is removed again
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(phantom_dirs, tmp_path, monkeypatch):
+  real_make = step_lib.make_train_step
+
+  def make_with_nan(*args, **kwargs):
+    inner = real_make(*args, **kwargs)
+    calls = {"n": 0}
+
+    def step(state, batch):
+      calls["n"] += 1
+      state, metrics, images = inner(state, batch)
+      if calls["n"] == 3:
+        metrics = dict(metrics, total=metrics["total"] * np.nan)
+      return state, metrics, images
+    return step
+
+  monkeypatch.setattr(step_lib, "make_train_step", make_with_nan)
+  cfg = _config(phantom_dirs, total_steps=6, checkpoint_every=2)
+  with pytest.raises(trainer.NonFiniteLossError, match=r"non-finite loss at step 3.*step 2"):
+    trainer.train(cfg, str(tmp_path), progress=False)
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+
+
+def test_missing_data_folders_are_reported(tmp_path):
+  cfg = tiny_config()
+  with pytest.raises(ValueError, match="set config.data.ct_dir"):
+    trainer.train(cfg, str(tmp_path), progress=False)
