@@ -53,6 +53,12 @@ class RunCheckpointer:
                                 data=grain.checkpoint.CheckpointRestore(data_iterator)))
     return restored["state"]
 
+  def restore_state_only(self, step, abstract_state):
+    """The state at ``step`` without touching any data iterator (evaluation)."""
+    restored = self.manager.restore(int(step), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state)))
+    return restored["state"]
+
   def restore_config(self, step=None):
     step = self.latest_step() if step is None else step
     return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]

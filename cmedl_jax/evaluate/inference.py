@@ -1,0 +1,126 @@
+"""Test-time inference: the trained student (or the baseline's test-time network) over whole CT volumes.
+
+Volumes are cut into axial slices, padded in-plane to a multiple of the network's stride and grouped into
+fixed-shape batches (the last one padded, with a mask of the real slices), so one compiled function serves every
+batch of a volume. Batches are split over the local devices when the batch size allows it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from cmedl_jax.data import preprocess
+from cmedl_jax.train import checkpointing, networks
+from cmedl_jax.train import state as state_lib
+from cmedl_jax.train import step as step_lib
+
+log = logging.getLogger(__name__)
+
+# In-plane sizes are padded to a multiple of this: enough for every segmenter (DenseFCN downsamples 5 times).
+SPATIAL_MULTIPLE = 32
+
+
+@dataclasses.dataclass
+class Predictor:
+  """What test-time inference needs from a run.
+
+  Attributes:
+    cfg: the run's resolved config.
+    nets: its networks.
+    variables: {"params": ..., "batch_stats": ...} of the networks used at test time.
+    step: the checkpoint step.
+  """
+
+  cfg: Any
+  nets: networks.Networks
+  variables: dict
+  step: int
+
+  @property
+  def test_time_network(self):
+    """"student" for cmedl / ct_only / ct_pmri_concat; "teacher" (on G(CT)) for pmri_only."""
+    return "teacher" if self.cfg.method == "pmri_only" else "student"
+
+
+def load_predictor(workdir, step=None) -> Predictor:
+  """Restores the test-time networks of the run in ``workdir`` (latest checkpoint unless ``step``)."""
+  ckpt = checkpointing.RunCheckpointer(workdir, async_save=False)
+  try:
+    step = ckpt.latest_step() if step is None else int(step)
+    if step is None:
+      raise FileNotFoundError(f"{ckpt.directory}: no checkpoint found; train first (cmedl-train)")
+    cfg = ml_collections.ConfigDict(ckpt.restore_config(step))
+    nets = networks.build_networks(cfg)
+    optimizers = state_lib.make_optimizers(cfg, nets)
+    size = cfg.data.crop_size
+    abstract = jax.eval_shape(lambda k: state_lib.create_train_state(nets, cfg, optimizers, k, (size, size, 1)),
+                              jax.random.key(0))
+    replicated = NamedSharding(step_lib.make_mesh(), P())
+    state = ckpt.restore_state_only(step, checkpointing.abstract_like(abstract, replicated))
+  finally:
+    ckpt.close()
+  keep = {"student", "teacher", "gen_ct2mr"}
+  variables = {"params": {k: v for k, v in state.params.items() if k in keep},
+               "batch_stats": {k: v for k, v in state.batch_stats.items() if k in keep}}
+  return Predictor(cfg=cfg, nets=nets, variables=variables, step=step)
+
+
+def _make_forward(predictor: Predictor):
+  nets, method = predictor.nets, predictor.cfg.method
+
+  def forward(variables, x):
+    """(B, H, W, 1) normalised CT -> (B, H, W) int32 labels."""
+    params, stats = variables["params"], variables["batch_stats"]
+    if method in ("pmri_only", "ct_pmri_concat"):
+      pmri = nets.gen_ct2mr.apply({"params": params["gen_ct2mr"]}, x, train=False)
+    if method == "pmri_only":
+      logits, _, _ = nets.segment(nets.teacher, params["teacher"], stats["teacher"], pmri, train=False)
+    else:
+      inputs = jnp.concatenate([x, pmri], axis=-1) if method == "ct_pmri_concat" else x
+      logits, _, _ = nets.segment(nets.student, params["student"], stats["student"], inputs, train=False)
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  return jax.jit(forward)
+
+
+class VolumeSegmenter:
+  """Segments normalised CT volumes slice by slice with one compiled function per in-plane shape."""
+
+  def __init__(self, predictor: Predictor, batch_size=None):
+    self.predictor = predictor
+    n_dev = jax.local_device_count()
+    batch_size = int(batch_size or predictor.cfg.eval.batch_size)
+    self.batch_size = max(n_dev, int(math.ceil(batch_size / n_dev)) * n_dev)  # splits evenly over devices
+    self.sharding = NamedSharding(step_lib.make_mesh(jax.local_devices()), P("data"))
+    self._forward = _make_forward(predictor)
+
+  def __call__(self, ct_hu):
+    """(X, Y, Z) CT in HU (canonical orientation) -> (X, Y, Z) uint8 label map."""
+    window = tuple(self.predictor.cfg.data.ct_window)
+    slices = preprocess.axial_slices(preprocess.normalize_ct(ct_hu, window))  # (Z, X, Y)
+    z, h, w = slices.shape
+    hp, wp = (int(math.ceil(s / SPATIAL_MULTIPLE)) * SPATIAL_MULTIPLE for s in (h, w))
+    n_batches = int(math.ceil(z / self.batch_size))
+    padded = np.full((n_batches * self.batch_size, hp, wp, 1), -1.0, np.float32)  # -1 = air after the window
+    padded[:z, :h, :w, 0] = slices
+    valid = np.arange(n_batches * self.batch_size) < z  # the mask of real slices
+    out = np.zeros((n_batches * self.batch_size, hp, wp), np.uint8)
+    for b in range(n_batches):
+      rows = slice(b * self.batch_size, (b + 1) * self.batch_size)
+      x = jax.device_put(padded[rows], self.sharding)
+      out[rows] = np.asarray(self._forward(self.predictor.variables, x)).astype(np.uint8)
+    return preprocess.stack_axial(out[valid][:, :h, :w])
+
+
+def default_output_dir(workdir, data_dir):
+  return os.path.join(workdir, "eval", os.path.basename(os.path.normpath(data_dir)))
