@@ -14,3 +14,25 @@ _cache_dir = os.environ.get(
     "CMEDL_TEST_COMPILATION_CACHE", str(pathlib.Path.home() / ".cache" / "cmedl_jax_test_xla"))
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _cache_dir)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+
+import pytest  # noqa: E402  (after the environment set-up above)
+
+
+@pytest.fixture(scope="session")
+def phantom_dirs(tmp_path_factory):
+  """3 CT + 3 MRI phantoms of 48x48x12 voxels: (CT folder, MRI folder)."""
+  from cmedl_jax.data import phantoms
+  out = tmp_path_factory.mktemp("phantoms")
+  phantoms.write_phantom_dataset(out, num_ct=3, num_mri=3, seed=0, shape=(48, 48, 12))
+  return str(out / "CT"), str(out / "MRI")
+
+
+@pytest.fixture(scope="session")
+def trained_run(phantom_dirs, tmp_path_factory):
+  """A 4-step tiny CMEDL run on the phantoms: (workdir, TrainResult)."""
+  from cmedl_jax.train import trainer
+  from tests.tiny import phantom_config
+  workdir = tmp_path_factory.mktemp("run")
+  cfg = phantom_config(phantom_dirs, 4, preview_every=2, async_checkpoint=True)
+  return workdir, trainer.train(cfg, str(workdir), progress=False)

@@ -8,24 +8,13 @@ import signal
 import numpy as np
 import pytest
 
-from cmedl_jax.data import phantoms
 from cmedl_jax.train import step as step_lib
 from cmedl_jax.train import trainer
-from tests.tiny import tiny_config
-
-
-@pytest.fixture(scope="module")
-def phantom_dirs(tmp_path_factory):
-  out = tmp_path_factory.mktemp("phantoms")
-  phantoms.write_phantom_dataset(out, num_ct=3, num_mri=3, seed=0, shape=(48, 48, 12))
-  return str(out / "CT"), str(out / "MRI")
+from tests.tiny import phantom_config, tiny_config
 
 
 def _config(phantom_dirs, total_steps=4, **train):
-  cfg = tiny_config()
-  cfg.data.ct_dir, cfg.data.mri_dir = phantom_dirs
-  cfg.train.update(total_steps=total_steps, **train)
-  return cfg
+  return phantom_config(phantom_dirs, total_steps, **train)
 
 
 def _losses(history):
@@ -33,10 +22,8 @@ def _losses(history):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(phantom_dirs, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("full")
-  cfg = _config(phantom_dirs, preview_every=2, async_checkpoint=True)
-  return workdir, trainer.train(cfg, str(workdir), progress=False)
+def uninterrupted(trained_run):
+  return trained_run
 
 
 def test_run_writes_metrics_checkpoints_previews_and_config(uninterrupted):

@@ -27,3 +27,11 @@ def random_batch(seed=0, batch=8, crop=32):
   ct = np.clip(rng.normal(0, 0.3, (batch, crop, crop, 1)) + 0.5 * label[..., None], -1, 1).astype(np.float32)
   mri = np.clip(rng.normal(0, 0.4, (batch, crop, crop, 1)), -1, 1).astype(np.float32)
   return {"ct": ct, "ct_label": label, "mri": mri}
+
+
+def phantom_config(phantom_dirs, total_steps=4, **train):
+  """The tiny config reading the session's phantom folders."""
+  cfg = tiny_config()
+  cfg.data.ct_dir, cfg.data.mri_dir = phantom_dirs
+  cfg.train.update(total_steps=total_steps, **train)
+  return cfg

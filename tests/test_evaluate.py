@@ -1,0 +1,159 @@
+"""Evaluation: volume inference, prediction files, folder scoring, summaries and the paired test."""
+
+import csv
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import stats
+
+from cmedl_jax.data import dataset_index, nifti_io, preprocess
+from cmedl_jax.errors import DataError
+from cmedl_jax.evaluate import cli, inference, scoring
+
+AFFINE = np.array([[-0.8, 0, 0, 40.0], [0, -0.8, 0, 30.0], [0, 0, 2.5, -60.0], [0, 0, 0, 1]])
+
+
+# ---------------------------------------------------------------- inference
+
+
+@pytest.fixture(scope="module")
+def predictor(trained_run):
+  workdir, _ = trained_run
+  return inference.load_predictor(str(workdir))
+
+
+def test_predictor_restores_the_trained_student(predictor, trained_run):
+  assert predictor.step == 4 and predictor.cfg.method == "cmedl" and predictor.test_time_network == "student"
+  assert set(predictor.variables["params"]) == {"student", "teacher", "gen_ct2mr"}
+
+
+def test_volume_inference_equals_slice_by_slice_application(predictor):
+  """Batching with a padded last batch and a mask must not change any slice's prediction."""
+  rng = np.random.default_rng(0)
+  hu = rng.uniform(-1000, 400, size=(64, 64, 13)).astype(np.float32)  # 13 slices: 2 batches of 8, 3 padded
+  segmenter = inference.VolumeSegmenter(predictor, batch_size=8)
+  out = segmenter(hu)
+  assert out.shape == hu.shape and out.dtype == np.uint8
+  slices = preprocess.axial_slices(preprocess.normalize_ct(hu))
+  nets, v = predictor.nets, predictor.variables
+  for k in (0, 7, 12):
+    logits, _, _ = nets.segment(nets.student, v["params"]["student"], v["batch_stats"]["student"],
+                                jnp.asarray(slices[k][None, ..., None]), train=False)
+    np.testing.assert_array_equal(out[:, :, k], np.argmax(np.asarray(logits[0]), -1))
+
+
+def test_volume_inference_handles_sizes_not_divisible_by_the_stride(predictor):
+  out = inference.VolumeSegmenter(predictor, batch_size=4)(np.zeros((50, 37, 3), np.float32))
+  assert out.shape == (50, 37, 3)
+
+
+def test_evaluate_run_writes_predictions_on_the_input_grid(trained_run, phantom_dirs, tmp_path):
+  workdir, _ = trained_run
+  out_dir, summary = cli.evaluate_run(str(workdir), phantom_dirs[0], str(tmp_path / "eval"), progress=None,
+                                      tolerances_mm=(2.0, 4.0))
+  index = dataset_index.load_dataset(phantom_dirs[0])
+  for case in index.cases:
+    written = nib.load(os.path.join(out_dir, "predictions", f"{case.case_id}.nii.gz"))
+    source = nib.load(case.image)
+    assert written.shape == source.shape
+    np.testing.assert_allclose(written.affine, source.affine, atol=1e-5)
+  document = json.load(open(os.path.join(out_dir, "summary.json")))
+  assert len(document["metric_per_case"]) == len(index.cases)
+  assert set(document["mean"]["1"]) >= {"dice", "surface_dice_2mm", "surface_dice_4mm", "hd95_mm"}
+  assert document["settings"]["test_time_network"] == "student" and document["settings"]["checkpoint_step"] == 4
+  rows = list(csv.DictReader(open(os.path.join(out_dir, "cases.csv"))))
+  assert [r["case"] for r in rows] == [c.case_id for c in index.cases]
+  assert summary["num_cases"] == len(index.cases)
+
+
+# ---------------------------------------------------------------- scoring folders of predictions
+
+
+def _write_pair(root, case, pred, ref, affine=AFFINE):
+  nifti_io.save_nifti(root / "pred" / f"{case}.nii.gz", pred.astype(np.uint8), affine)
+  nifti_io.save_nifti(root / "ref" / f"{case}.nii.gz", ref.astype(np.uint8), AFFINE)
+
+
+def test_score_folder_matches_analytic_values(tmp_path):
+  ref = np.zeros((30, 30, 10), bool)
+  ref[5:15, 5:15, 2:6] = True      # lesion 1: 400 voxels
+  ref[20:24, 20:24, 5:7] = True    # lesion 2: 32 voxels, missed
+  pred = np.zeros_like(ref)
+  pred[5:15, 5:15, 2:5] = True     # 300 voxels inside lesion 1
+  pred[25:28, 2:4, 1:2] = True     # 6-voxel false positive
+  _write_pair(tmp_path, "case_a", pred, ref)
+  _write_pair(tmp_path, "case_b", ref, ref)  # perfect
+  summary = scoring.score_folder(tmp_path / "pred", tmp_path / "ref", tmp_path / "out", progress=None)
+  rows = {r["case"]: r for r in csv.DictReader(open(tmp_path / "out" / "cases.csv"))}
+  np.testing.assert_allclose(float(rows["case_a"]["dice"]), 2 * 300 / (306 + 432), rtol=1e-9)
+  assert float(rows["case_b"]["dice"]) == 1.0 and float(rows["case_b"]["hd95_mm"]) == 0.0
+  assert rows["case_a"]["lesions"] == "2" and rows["case_a"]["lesions_detected"] == "1"
+  assert rows["case_a"]["false_positive_components"] == "1"
+  lesions = list(csv.DictReader(open(tmp_path / "out" / "lesions.csv")))
+  lesion1 = [r for r in lesions if r["case"] == "case_a" and r["voxels"] == "400"][0]
+  np.testing.assert_allclose(float(lesion1["dice"]), 2 * 300 / 700, rtol=1e-9)
+  np.testing.assert_allclose(float(lesion1["volume_ml"]), 400 * 0.8 * 0.8 * 2.5 / 1000, rtol=1e-6)
+  missed = [r for r in lesions if r["case"] == "case_a" and r["voxels"] == "32"][0]
+  assert missed["detected"] == "False" and float(missed["hd95_mm"]) == np.inf
+  fps = list(csv.DictReader(open(tmp_path / "out" / "false_positives.csv")))
+  assert len(fps) == 1 and fps[0]["voxels"] == "6"
+  np.testing.assert_allclose(summary["mean"]["dice"]["mean"], (2 * 300 / 738 + 1.0) / 2, rtol=1e-9)
+  document = json.load(open(tmp_path / "out" / "summary.json"))
+  assert document["metric_per_case"][0]["prediction_file"].endswith("case_a.nii.gz")
+  assert document["empty_policy"]["one_empty"]["hd95_mm"] == "inf"
+
+
+def test_score_folder_errors_name_the_file(tmp_path):
+  ref = np.zeros((8, 8, 4), bool)
+  ref[2:4, 2:4, 1] = True
+  shifted = AFFINE.copy()
+  shifted[0, 3] += 3
+  _write_pair(tmp_path, "a", ref, ref, affine=shifted)
+  with pytest.raises(DataError, match="affine differs"):
+    scoring.score_folder(tmp_path / "pred", tmp_path / "ref", tmp_path / "out", progress=None)
+  nifti_io.save_nifti(tmp_path / "pred" / "a.nii.gz", ref.astype(np.uint8), AFFINE)
+  nifti_io.save_nifti(tmp_path / "pred" / "zzz.nii.gz", ref.astype(np.uint8), AFFINE)
+  with pytest.raises(DataError, match=r"1 prediction\(s\) have no reference.*zzz"):
+    scoring.score_folder(tmp_path / "pred", tmp_path / "ref", tmp_path / "out", progress=None)
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(DataError, match="contains no NIfTI predictions"):
+    scoring.score_folder(tmp_path / "empty", tmp_path / "ref", tmp_path / "out", progress=None)
+
+
+def test_evaluate_folder_cli(tmp_path, capsys):
+  ref = np.zeros((12, 12, 4), bool)
+  ref[3:7, 3:7, 1:3] = True
+  _write_pair(tmp_path, "c1", ref, ref)
+  assert cli.main_evaluate_folder([str(tmp_path / "pred"), str(tmp_path / "ref"), "--out", str(tmp_path / "o"),
+                                   "--tolerances", "1,3", "--convention", "medpy"]) == 0
+  out = capsys.readouterr().out
+  assert "DSC 1.000" in out and "sDSC@1mm" in out and "sDSC@3mm" in out
+  assert json.load(open(tmp_path / "o" / "summary.json"))["settings"]["hd95_convention"] == "medpy"
+
+
+# ---------------------------------------------------------------- paired comparison
+
+
+def test_paired_wilcoxon_matches_scipy(tmp_path, capsys):
+  rng = np.random.default_rng(0)
+  a = rng.uniform(0.6, 0.9, size=15)
+  b = a - rng.normal(0.03, 0.02, size=15)
+  for name, values in (("A", a), ("B", b)):
+    with open(tmp_path / f"{name}.csv", "w", newline="") as f:
+      writer = csv.writer(f)
+      writer.writerow(["case", "dice"])
+      writer.writerows([(f"c{i}", v) for i, v in enumerate(values)])
+  result = scoring.paired_wilcoxon(scoring.read_case_csv(tmp_path / "A.csv", "dice"),
+                                   scoring.read_case_csv(tmp_path / "B.csv", "dice"))
+  expected = stats.wilcoxon(a, b)
+  assert result["n"] == 15
+  np.testing.assert_allclose(result["p_value"], expected.pvalue, rtol=1e-12)
+  np.testing.assert_allclose(result["median_difference"], np.median(a - b))
+  assert cli.main_compare([str(tmp_path / "A.csv"), str(tmp_path / "B.csv")]) == 0
+  assert "Wilcoxon signed-rank p=" in capsys.readouterr().out
+  assert cli.main_compare([str(tmp_path / "A.csv"), str(tmp_path / "B.csv"), "--metric", "hd95"]) == 1
