@@ -1,0 +1,21 @@
+"""``python -m cmedl_jax.bench SUBCOMMAND [options]``: benchmarks that print ratios measured in one run.
+
+Subcommands:
+  metrics   jitted surface metrics vs the DeepMind surface-distance library on a 512x512x100 volume
+"""
+
+import sys
+
+
+def main(argv=None):
+  argv = list(sys.argv[1:] if argv is None else argv)
+  commands = {"metrics": "cmedl_jax.bench.metrics_bench"}
+  if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+    print(__doc__)
+    return 0 if argv and argv[0] in ("-h", "--help") else 2
+  import importlib
+  return importlib.import_module(commands[argv[0]]).main(argv[1:]) or 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
