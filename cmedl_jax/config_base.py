@@ -39,7 +39,13 @@ train.checkpoint_every     steps between checkpoints (also saved at the end and 
 train.preview_every        steps between PNG grids (0: never)
 train.keep_checkpoints     checkpoints kept
 train.async_checkpoint     orbax async saves
+data.phantoms              generated phantoms: out folder, num_ct, num_mri, num_test (held-out CT cases written
+                           to OUT/test/CT with seed + 1), size (in-plane voxels), slices, seed
 eval.batch_size            slices per jitted inference batch (fixed shape, padded with a mask)
+eval.data_dir              labelled CT folder evaluated when training finishes ("" = none); cmedl-evaluate
+                           evaluates any folder later
+eval.tolerances_mm         surface Dice tolerances ((2.0, 4.0))
+eval.hd95_convention       "deepmind" (default) | "monai" | "medpy"
 """
 
 from __future__ import annotations
@@ -56,7 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       ct_dir="", mri_dir="", make_phantoms=False, seed=0, crop_size=256, global_batch_size=8,
       foreground_fraction=0.33, ct_window=(-1000.0, 500.0), mri_percentiles=(0.5, 99.5), num_workers=0,
-      phantoms=dict(out="", num_ct=12, num_mri=12, size=128, slices=48, seed=0)))
+      phantoms=dict(out="", num_ct=12, num_mri=12, num_test=0, size=128, slices=48, seed=0)))
 
   c.model = ml_collections.ConfigDict(dict(
       segmenter="unet", segmenter_kwargs={}, num_classes=2, hint_features=(),
@@ -77,5 +83,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       total_steps=20000, backend="shard_map", log_every=50, checkpoint_every=1000, preview_every=1000,
       keep_checkpoints=3, async_checkpoint=True))
-  c.eval = ml_collections.ConfigDict(dict(batch_size=16))
+  c.eval = ml_collections.ConfigDict(dict(batch_size=16, data_dir="", tolerances_mm=(2.0, 4.0),
+                                           hd95_convention="deepmind"))
   return c

@@ -19,7 +19,8 @@ def get_config(arg="cyclegan"):
   c.data.ct_dir = "runs/phantoms/CT"
   c.data.mri_dir = "runs/phantoms/MRI"
   c.data.phantoms.out = "runs/phantoms"
-  c.data.phantoms.update(num_ct=8, num_mri=8, size=96, slices=24)
+  c.data.phantoms.update(num_ct=8, num_mri=8, num_test=4, size=96, slices=24)
+  c.eval.data_dir = "runs/phantoms/test/CT"  # 4 held-out phantoms, evaluated when training ends
   c.data.crop_size = 64
   c.data.global_batch_size = 8
   c.data.foreground_fraction = 0.5

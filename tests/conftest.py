@@ -35,4 +35,5 @@ def trained_run(phantom_dirs, tmp_path_factory):
   from tests.tiny import phantom_config
   workdir = tmp_path_factory.mktemp("run")
   cfg = phantom_config(phantom_dirs, 4, preview_every=2, async_checkpoint=True)
+  cfg.eval.data_dir = phantom_dirs[0]  # exercise the evaluation at the end of training
   return workdir, trainer.train(cfg, str(workdir), progress=False)

@@ -40,6 +40,14 @@ def test_run_writes_metrics_checkpoints_previews_and_config(uninterrupted):
   saved = json.load(open(workdir / "config.json"))
   assert saved["method"] == "cmedl" and saved["train"]["total_steps"] == 4
   assert any(name.startswith("events") for name in os.listdir(workdir / "tensorboard"))
+  # The finished run was evaluated on config.eval.data_dir.
+  assert result.eval_summary["num_cases"] == 3
+  ct_folder = os.path.basename(os.path.normpath(result_config_data_dir(workdir)))
+  assert os.path.exists(workdir / "eval" / ct_folder / "summary.json")
+
+
+def result_config_data_dir(workdir):
+  return json.load(open(workdir / "config.json"))["eval"]["data_dir"]
 
 
 def test_kill_and_resume_gives_the_same_losses(phantom_dirs, uninterrupted, tmp_path):

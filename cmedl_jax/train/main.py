@@ -31,6 +31,9 @@ def run(argv):
   except (DataError, trainer.NonFiniteLossError) as e:
     print(f"ERROR {e}", file=sys.stderr)
     return 1
+  if result.eval_summary is not None:
+    from cmedl_jax.evaluate import scoring
+    print("evaluation: " + scoring.format_summary(result.eval_summary, _CONFIG.value.eval.tolerances_mm))
   how = "stopped by SIGTERM" if result.stopped_by_signal else "done"
   print(f"{how} at step {result.final_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in
                                                          sorted(result.last_metrics.items())))

@@ -41,6 +41,7 @@ class TrainResult:
   last_metrics: dict
   history: list
   stopped_by_signal: bool = False
+  eval_summary: dict = None
 
 
 class _SigtermFlag:
@@ -143,6 +144,12 @@ def ensure_data(cfg):
       phantoms.write_phantom_dataset(out, num_ct=d.phantoms.num_ct, num_mri=d.phantoms.num_mri,
                                      seed=d.phantoms.seed, shape=(d.phantoms.size, d.phantoms.size,
                                                                   d.phantoms.slices))
+    test_dir = os.path.join(out, "test")
+    if d.phantoms.get("num_test", 0) and not os.path.isdir(os.path.join(test_dir, "CT")):
+      # Held-out cases: another seed gives other anatomies (case k is a function of (seed, k)).
+      log.info("generating %d held-out test phantoms into %s", d.phantoms.num_test, test_dir)
+      phantoms.write_phantom_dataset(test_dir, num_ct=d.phantoms.num_test, num_mri=0, seed=d.phantoms.seed + 1,
+                                     shape=(d.phantoms.size, d.phantoms.size, d.phantoms.slices))
   if not ct_dir or not mri_dir:
     raise ValueError("set config.data.ct_dir and config.data.mri_dir (or config.data.make_phantoms=True)")
   return ct_dir, mri_dir
@@ -282,4 +289,13 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
       bar.close()
     ckpt.close()
     writer.close()
-  return TrainResult(final_step=step_number, last_metrics=last_metrics, history=history, stopped_by_signal=stopped)
+  eval_summary = None
+  if cfg.eval.get("data_dir") and step_number == total_steps and not stopped and is_main:
+    # ======================================================================== evaluation of the finished run
+    from cmedl_jax.evaluate import cli as evaluate_cli
+    out_dir, eval_summary = evaluate_cli.evaluate_run(
+        workdir, cfg.eval.data_dir, progress=log.info, tolerances_mm=tuple(cfg.eval.tolerances_mm),
+        convention=cfg.eval.hd95_convention)
+    log.info("evaluation written to %s", out_dir)
+  return TrainResult(final_step=step_number, last_metrics=last_metrics, history=history, stopped_by_signal=stopped,
+                     eval_summary=eval_summary)
