@@ -6,6 +6,7 @@ Layout: ``WORKDIR/checkpoints/<step>/{state,data,config}``. Restoring needs an a
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -46,7 +47,25 @@ class RunCheckpointer:
     return saved
 
   def restore(self, step, abstract_state, data_iterator):
-    """Restores the state at ``step`` into the structure of ``abstract_state`` and rewinds ``data_iterator``."""
+    """Restores the state at ``step`` into the structure of ``abstract_state`` and rewinds ``data_iterator``.
+
+    Also resumes a checkpoint written with another number of processes. grain saves one iterator state per
+    process, ``data/process_<i>-of-<n>.json``, and reads only the file of the current (i, n). Our pipeline's
+    iterator state is the number of local batches consumed, and local batch ``b`` of every process is its part of
+    global batch ``b`` (see :mod:`cmedl_jax.data.pipeline`), so the state of any process of the old run is the
+    state of every process of the new one. The train state is stored as global arrays and restores onto any
+    device count.
+    """
+    files = sorted(glob.glob(os.path.join(self.directory, str(int(step)), "data", "process_*-of-*.json")))
+    own = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    if files and not any(os.path.basename(f) == own for f in files):
+      source = next((f for f in files if os.path.basename(f).startswith("process_0-")), files[0])
+      log.info("checkpoint %d was written by another number of processes: data position from %s", step,
+               os.path.basename(source))
+      state = self.restore_state_only(step, abstract_state)
+      with open(source) as f:
+        data_iterator.set_state(json.load(f))
+      return state
     restored = self.manager.restore(
         int(step),
         args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),

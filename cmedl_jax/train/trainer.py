@@ -21,9 +21,9 @@ import signal
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from cmedl_jax import distributed
 from cmedl_jax.data import pipeline
 from cmedl_jax.train import checkpointing, networks, state as state_lib, step as step_lib
 from cmedl_jax.utils import png
@@ -177,7 +177,14 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
   is_main = jax.process_index() == 0
   backend = cfg.train.backend
   # ======================================================================== data
+  # [multi-process] Process 0 writes any phantoms before the others look, so no two processes write the same
+  # files; a process on a filesystem of its own then writes its own (identical) copy.
+  multi_process = jax.process_count() > 1
+  if multi_process and not is_main:
+    distributed.barrier("cmedl_data_ready")
   ct_dir, mri_dir = ensure_data(cfg)
+  if multi_process and is_main:
+    distributed.barrier("cmedl_data_ready")
   d = cfg.data
   ct = pipeline.load_store(ct_dir, modality="CT", require_labels=True, ct_window=tuple(d.ct_window))
   mri = pipeline.load_store(mri_dir, modality="MRI", mri_percentiles=tuple(d.mri_percentiles))
@@ -205,6 +212,7 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
   latest = ckpt.latest_step()
   if latest is not None:
     # Resume: state and data position come from the checkpoint (see the module docstring for the order).
+    # Also resumes a checkpoint written with another number of processes (see RunCheckpointer.restore).
     state = ckpt.restore(latest, abstract_state, data_iter)
     log.info("resumed from %s at step %d", ckpt.directory, int(state.step))
   else:
@@ -221,7 +229,8 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
 
   train_step = step_lib.make_train_step(nets, cfg, optimizers, mesh=mesh, backend=backend)
   if backend == "pmap":
-    state = step_lib.replicate(state)
+    # pmap takes process-local, uncommitted arrays (also in one process: the replicated global state is not).
+    state = step_lib.replicate(distributed.process_local_copy(state))
 
   def device_batch(host_batch):
     arrays = {k: host_batch[k] for k in ("ct", "ct_label", "mri")}
@@ -230,8 +239,11 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
     return step_lib.shard_batch(arrays, mesh)
 
   def save(step_number, force=False):
-    ckpt.save(step_number, _to_host(state, backend) if backend == "pmap" else state, data_iter, config_dict,
-              force=force)
+    # [multi-process] orbax takes global arrays only: pmap's per-process copy (that of the first local device,
+    # taken without a multi-device computation) is put back on `replicated`.
+    saved_state = state if backend != "pmap" else distributed.as_replicated(
+        jax.tree.map(lambda x: x.addressable_data(0)[0], state), replicated)
+    ckpt.save(step_number, saved_state, data_iter, config_dict, force=force)
 
   # ======================================================================== training loop
   start_step = int(_to_host(state.step, backend))
@@ -273,14 +285,17 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
                            if k in last_metrics})
         if is_main and cfg.train.preview_every and (step_number % cfg.train.preview_every == 0
                                                     or step_number == end_step):
-          images_host = jax.device_get(images)
           if backend == "pmap":
-            images_host = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), images_host)
+            images_host = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), jax.device_get(images))
+          else:  # [multi-process] the rows of host_batch: other processes' rows cannot be fetched here
+            images_host = jax.tree.map(distributed.process_local_rows, images)
           write_preview(os.path.join(workdir, "previews", f"step_{step_number:07d}.png"), host_batch,
                         images_host)
         if step_number % cfg.train.checkpoint_every == 0 or step_number == end_step:
           save(step_number)
-        if sigterm.raised:
+        # [multi-process] SIGTERM reaches the processes at different steps; all must stop at the same one.
+        stop = distributed.any_process(sigterm.raised) if multi_process else sigterm.raised
+        if stop:
           save(step_number, force=True)
           stopped = True
           break
@@ -290,7 +305,14 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
     ckpt.close()
     writer.close()
   eval_summary = None
-  if cfg.eval.get("data_dir") and step_number == total_steps and not stopped and is_main:
+  evaluate = cfg.eval.get("data_dir") and step_number == total_steps and not stopped
+  if evaluate and multi_process:
+    # [multi-process] Evaluation restores the checkpoint alone on process 0, where orbax would wait for the
+    # other processes: it is a single-process job.
+    if is_main:
+      log.warning("multi-process run: evaluate it with a single process: cmedl-evaluate --workdir %s --data %s",
+                  workdir, cfg.eval.data_dir)
+  elif evaluate and is_main:
     # ======================================================================== evaluation of the finished run
     from cmedl_jax.evaluate import cli as evaluate_cli
     out_dir, eval_summary = evaluate_cli.evaluate_run(
