@@ -2,6 +2,7 @@
 
 Subcommands:
   metrics   jitted surface metrics vs the DeepMind surface-distance library on a 512x512x100 volume
+  step      the full CMEDL train step, JAX (jit) vs PyTorch eager (and torch.compile with --compile)
 """
 
 import sys
@@ -9,7 +10,7 @@ import sys
 
 def main(argv=None):
   argv = list(sys.argv[1:] if argv is None else argv)
-  commands = {"metrics": "cmedl_jax.bench.metrics_bench"}
+  commands = {"metrics": "cmedl_jax.bench.metrics_bench", "step": "cmedl_jax.bench.step_bench"}
   if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
     print(__doc__)
     return 0 if argv and argv[0] in ("-h", "--help") else 2

@@ -1,0 +1,228 @@
+"""Benchmark: the full CMEDL train step, JAX (jitted) vs the PyTorch reference step, same machine and weights.
+
+    python -m cmedl_jax.bench step [--config quickstart|paper|FILE.py[:ARG]] [--size 128] [--batch 4]
+        [--steps 5] [--warmup 2] [--compile] [--skip-jax] [--skip-torch] [--json OUT.json]
+
+Both frameworks run CMEDL with the CycleGAN translator (two generators, two PatchGANs, image pools of
+``pool_size``, teacher and student segmenters, CE + soft Dice, hint, LSGAN, cycle, identity; Adam per group) on
+the same random batch of ``--batch`` images of ``--size`` px, starting from the same weights (PyTorch's init
+converted to flax by :mod:`cmedl_jax.torch_port.bridge`). ``--config``: ``quickstart`` = configs/quickstart.py
+networks (generators ngf 8 with 3 blocks, PatchGAN ndf 8, U-Nets (8, 16, 32, 32)); ``paper`` = the DESIGN defaults
+of configs/cmedl.py (ngf 64 with 9 blocks, ndf 64, the 13.4M U-Net).
+
+Timed:
+
+* JAX: ``train.step.make_train_step`` (jit + shard_map over this machine's devices, state donated), compiled with
+  ``lower().compile()`` (the printed compile time), each step waited for with ``block_until_ready``;
+* PyTorch eager: ``torch_port.reference_step.CMEDLStep.step`` (forward, one backward, three optimizers);
+* with ``--compile``: the same with the loss computation under ``torch.compile`` (the image pools run eagerly);
+  its first step includes the compilation.
+
+Each runs ``--warmup`` steps, then ``--steps`` rounds of one step of each framework in turn (interleaved, so a
+shared machine's background load hits all alike). Prints the median step time and images/s of each, the ratio
+JAX / PyTorch of images/s (> 1: JAX is faster), the machine's load average, and both frameworks' step-1 losses
+(equal up to float rounding while the pools are filling, i.e. batch <= pool_size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+_CONFIGS = {"quickstart": ("configs/quickstart.py", "cyclegan"), "paper": ("configs/cmedl.py", "cyclegan,unet")}
+
+
+def load_config(spec: str):
+  """``quickstart`` | ``paper`` | ``FILE.py[:ARG]`` -> ml_collections config (``get_config(ARG)`` of the file)."""
+  path, arg = _CONFIGS.get(spec, (spec.split(":", 1) + [None])[:2])
+  candidates = [path, os.path.join(os.path.dirname(__file__), "..", "..", path)]
+  found = next((p for p in candidates if os.path.exists(p)), None)
+  if found is None:
+    raise SystemExit(f"config file {path!r} not found (run from the repository root or pass FILE.py)")
+  module_spec = importlib.util.spec_from_file_location("_bench_config", found)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg is not None else module.get_config()
+
+
+def synthetic_batch(batch, size, seed=0):
+  """{"ct", "ct_label", "mri"}: NHWC float32 images in [-1, 1] and a square lesion per CT image."""
+  rng = np.random.default_rng(seed)
+  label = np.zeros((batch, size, size), np.int32)
+  side = max(2, size // 8)
+  for i in range(batch):
+    r, c = rng.integers(0, size - side, size=2)
+    label[i, r:r + side, c:c + side] = 1
+  ct = np.tanh(rng.normal(0, 0.4, (batch, size, size, 1)) + 0.6 * label[..., None]).astype(np.float32)
+  mri = np.tanh(rng.normal(0, 0.5, (batch, size, size, 1))).astype(np.float32)
+  return {"ct": ct, "ct_label": label, "mri": mri}
+
+
+def _machine():
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+  except OSError:
+    pass
+  return f"{cpu}, {os.cpu_count()} CPU cores visible, {platform.system()} {platform.release()}"
+
+
+def _load_average():
+  # Timings on a shared machine are only meaningful when nothing else runs: print the load next to them.
+  try:
+    return "load average %.2f %.2f %.2f" % os.getloadavg()
+  except OSError:
+    return "load average unknown"
+
+
+class JaxRunner:
+  """The jitted JAX step on this machine's devices; compiled on construction (``compile_s``)."""
+
+  def __init__(self, cfg, state_dicts, batch, image_shape):
+    import jax
+
+    from cmedl_jax.torch_port import bridge
+    from cmedl_jax.train import networks
+    from cmedl_jax.train import state as state_lib
+    from cmedl_jax.train import step as step_lib
+
+    self._jax = jax
+    nets = networks.build_networks(cfg)
+    optimizers = state_lib.make_optimizers(cfg, nets)
+    mesh = step_lib.make_mesh()
+    self.state = bridge.train_state_from_torch(state_dicts, nets, cfg, optimizers, image_shape, mesh=mesh)
+    self.batch = step_lib.shard_batch(batch, mesh)
+    train_step = step_lib.make_train_step(nets, cfg, optimizers, mesh=mesh)
+    t0 = time.perf_counter()
+    self.compiled = train_step.lower(self.state, self.batch).compile()
+    self.compile_s = time.perf_counter() - t0
+    self.devices = f"{jax.device_count()} x {jax.devices()[0].platform}"
+
+  def step(self):
+    self.state, metrics, _ = self.compiled(self.state, self.batch)
+    self._jax.block_until_ready((self.state, metrics))
+    return metrics
+
+  def metrics(self, metrics):
+    return {k: float(v) for k, v in self._jax.device_get(metrics).items()}
+
+
+class TorchRunner:
+  """The PyTorch reference step, eager or with the loss computation under ``torch.compile``."""
+
+  def __init__(self, cfg, batch, compile_mode=False, seed=0):
+    from cmedl_jax.torch_port import reference_step
+
+    self.torch_step = reference_step.CMEDLStep.from_config(cfg, seed=seed)
+    if compile_mode:
+      self.torch_step.compile()
+    self.batch = batch
+
+  def step(self):
+    return self.torch_step.step(self.batch)
+
+  def metrics(self, metrics):
+    return metrics
+
+
+def run_interleaved(runners, warmup, steps):
+  """Warm-up steps per runner (the first one timed alone), then ``steps`` rounds of one step of each runner in turn.
+
+  Interleaving exposes every framework to the same background load, so their ratio stays meaningful on a shared
+  machine. Returns {name: {"first_step_s", "times", "first_metrics"}}.
+  """
+  out = {}
+  for name, runner in runners.items():
+    t0 = time.perf_counter()
+    metrics = runner.step()
+    out[name] = dict(first_step_s=time.perf_counter() - t0, times=[], first_metrics=runner.metrics(metrics))
+    for _ in range(max(warmup - 1, 0)):
+      runner.step()
+  for _ in range(steps):
+    for name, runner in runners.items():
+      t0 = time.perf_counter()
+      runner.step()
+      out[name]["times"].append(time.perf_counter() - t0)
+  return out
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(prog="python -m cmedl_jax.bench step", description=__doc__.split("\n\n")[0])
+  parser.add_argument("--config", default="quickstart", help="quickstart | paper | FILE.py[:ARG]")
+  parser.add_argument("--size", type=int, default=128, help="square crop in pixels")
+  parser.add_argument("--batch", type=int, default=4, help="images per step (the global batch)")
+  parser.add_argument("--steps", type=int, default=5, help="timed steps")
+  parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (JAX: after compiling)")
+  parser.add_argument("--compile", action="store_true", help="also time PyTorch with torch.compile")
+  parser.add_argument("--skip-jax", action="store_true")
+  parser.add_argument("--skip-torch", action="store_true", help="eager PyTorch (its weights are still built)")
+  parser.add_argument("--json", help="write the results to this file")
+  args = parser.parse_args(argv)
+
+  import torch
+
+  from cmedl_jax.torch_port import reference_step
+
+  cfg = load_config(args.config)
+  cfg.data.crop_size, cfg.data.global_batch_size = args.size, args.batch
+  batch = synthetic_batch(args.batch, args.size)
+  image_shape = (args.size, args.size, 1)
+  m = cfg.model
+  print(f"machine: {_machine()}; torch {torch.__version__} with {torch.get_num_threads()} threads; "
+        f"{_load_average()}")
+  print(f"config {args.config}: generators {dict(m.generator)}, discriminators {dict(m.discriminator)}, "
+        f"{m.segmenter} {dict(m.segmenter_kwargs) or '(defaults)'}; {args.batch} x {args.size}x{args.size} px, "
+        f"pool {cfg.pool_size}; {args.warmup} warm-up + {args.steps} timed steps")
+  results = dict(config=args.config, size=args.size, batch=args.batch, steps=args.steps, warmup=args.warmup,
+                 machine=_machine(), torch_threads=torch.get_num_threads(), load_average_start=_load_average())
+  # One seeded PyTorch init gives both frameworks the same starting weights.
+  state_dicts = reference_step.CMEDLStep.from_config(cfg, seed=0).state_dicts()
+
+  runners = {}
+  if not args.skip_jax:
+    runners["jax"] = JaxRunner(cfg, state_dicts, batch, image_shape)
+    results["jax_compile_s"] = runners["jax"].compile_s
+    print(f"JAX: compiled the step in {runners['jax'].compile_s:.1f} s on {runners['jax'].devices}", flush=True)
+  if not args.skip_torch:
+    runners["torch_eager"] = TorchRunner(cfg, batch)
+  if args.compile:
+    runners["torch_compile"] = TorchRunner(cfg, batch, compile_mode=True)
+  timings = run_interleaved(runners, args.warmup, args.steps)
+  labels = {"jax": "JAX jit", "torch_eager": "PyTorch eager", "torch_compile": "PyTorch torch.compile"}
+  for name, timing in timings.items():
+    median = statistics.median(timing["times"])
+    timing.update(median_step_s=median, min_step_s=min(timing["times"]), images_per_s=args.batch / median)
+    results[name] = timing
+    note = f"   (first step {timing['first_step_s']:.1f} s)" if name == "torch_compile" else ""
+    print(f"{labels[name]:22s} {median:9.3f} s/step (median; min {min(timing['times']):.3f}) "
+          f"{args.batch / median:8.2f} images/s{note}", flush=True)
+  if "jax" in timings:
+    for name in ("torch_eager", "torch_compile"):
+      if name in timings:
+        ratio = timings["jax"]["images_per_s"] / timings[name]["images_per_s"]
+        results[f"ratio_jax_over_{name}"] = ratio
+        print(f"ratio JAX / {labels[name]} (images/s): {ratio:.2f}x")
+    if "torch_eager" in timings:
+      a, b = timings["jax"]["first_metrics"], timings["torch_eager"]["first_metrics"]
+      keys = [k for k in ("total", "gen_total", "d_mr", "teacher_seg", "student_seg", "hint") if k in a and k in b]
+      print("step-1 losses, same weights and batch (JAX / PyTorch): "
+            + ", ".join(f"{k} {a[k]:.5f} / {b[k]:.5f}" for k in keys))
+  results["load_average_end"] = _load_average()
+  print(f"at the end: {results['load_average_end']}")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(results, f, indent=2)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

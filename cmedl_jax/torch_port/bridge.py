@@ -1,0 +1,73 @@
+"""A JAX CMEDL train state holding the weights of PyTorch networks (for parity tests and the step benchmark).
+
+No torch import: the state_dicts may hold tensors or numpy arrays (``reference_step.CMEDLStep.state_dicts()``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+
+from jax.sharding import NamedSharding, PartitionSpec
+
+from cmedl_jax.models import build
+from cmedl_jax.torch_port import convert
+from cmedl_jax.train import image_pool
+from cmedl_jax.train import state as state_lib
+from cmedl_jax.train.networks import Networks
+
+
+def variables_from_torch(state_dicts: Mapping[str, Mapping[str, Any]], nets: Networks, image_shape):
+  """Converts one PyTorch state_dict per network of ``nets``.
+
+  Args:
+    state_dicts: {network name ("gen_ct2mr", ..., "student"): state_dict}; must cover every network in use.
+    nets: the run's flax networks (``train.networks.build_networks``).
+    image_shape: (H, W, 1) training crop.
+
+  Returns:
+    ``(params, batch_stats)`` as ``train.networks.init_variables`` returns them.
+
+  Raises:
+    convert.WeightImportError: a state_dict does not fit its network.
+    ValueError: a network has no state_dict (CUT's PatchNCE head is not supported).
+  """
+  h, w, _ = image_shape
+  params, batch_stats = {}, {}
+  for name in state_lib.network_names(nets):
+    if name not in state_dicts:
+      raise ValueError(f"no PyTorch state_dict for {name!r} (got {sorted(state_dicts)})")
+    module = getattr(nets, name)
+    segmenter = name in ("teacher", "student")
+    channels = nets.student_in_channels if name == "student" else 1
+    target = build.abstract_variables(module, (1, h, w, channels), **({"train": False} if segmenter else {}))
+    variables, _ = convert.convert_state_dict(state_dicts[name], target, what=name)
+    params[name] = variables["params"]
+    if segmenter:
+      batch_stats[name] = variables.get("batch_stats", {})
+  return params, batch_stats
+
+
+def train_state_from_torch(state_dicts: Mapping[str, Mapping[str, Any]], nets: Networks, cfg, optimizers,
+                           image_shape, rng: Optional[jax.Array] = None, mesh=None) -> state_lib.TrainState:
+  """The state ``create_train_state`` would build, with the PyTorch weights instead of a fresh init.
+
+  Optimizer states are initialised for those weights, pools are empty, the step is 0; ``rng`` defaults to
+  ``jax.random.key(0)``. With ``mesh``, the state is placed replicated on it, as the jitted step returns it (a
+  state placed otherwise makes the step compile a second time on its second call).
+  """
+  params, batch_stats = variables_from_torch(state_dicts, nets, image_shape)
+  params = jax.tree.map(jnp.asarray, params)
+  batch_stats = jax.tree.map(jnp.asarray, batch_stats)
+  grouped = state_lib.split_groups(params)
+  opt_state = {group: opt.init(grouped[group]) for group, opt in optimizers.items()}
+  pools = {}
+  if nets.disc_mr is not None:
+    pools["mr"] = image_pool.init_pool(cfg.pool_size, image_shape)
+  if nets.disc_ct is not None:
+    pools["ct"] = image_pool.init_pool(cfg.pool_size, image_shape)
+  state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                               opt_state=opt_state, pools=pools, rng=jax.random.key(0) if rng is None else rng)
+  return state if mesh is None else jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
