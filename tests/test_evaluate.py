@@ -4,7 +4,6 @@ import csv
 import json
 import os
 
-import jax
 import jax.numpy as jnp
 import nibabel as nib
 import numpy as np

@@ -94,6 +94,8 @@ def main_evaluate(argv=None):
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(message)s")
   from cmedl_jax.evaluate import scoring
+  from cmedl_jax.utils import compilation_cache
+  compilation_cache.enable_persistent_cache()
   kwargs = _metric_kwargs(args)
   try:
     out_dir, summary = evaluate_run(args.workdir, args.data, args.out, step=args.step, batch_size=args.batch_size,

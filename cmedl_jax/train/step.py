@@ -23,7 +23,6 @@ the two-channel [CT, G(CT)] input).
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
