@@ -57,14 +57,17 @@ def run_both(cfg):
   initial = jax.device_get(state)
   train_step = step_lib.make_train_step(nets, cfg, optimizers, mesh=mesh)
   bn_counts = _record_batch_norm_counts(torch_step)
-  jax_metrics, torch_metrics = [], []
+  jax_metrics, torch_metrics, jax_params, torch_params = [], [], [], []
   for i in range(STEPS):
     batch = parity_batch(i)
     state, metrics, _ = train_step(state, step_lib.shard_batch(batch, mesh))
     jax_metrics.append(jax.device_get(metrics))
     torch_metrics.append(torch_step.step(batch))
+    jax_params.append(jax.device_get(state.params))
+    torch_params.append(bridge.variables_from_torch(torch_step.state_dicts(), nets, (32, 32, 1))[0])
   return dict(jax=jax_metrics, torch=torch_metrics, state=jax.device_get(state), initial=initial,
-              torch_step=torch_step, nets=nets, bn_counts=bn_counts)
+              torch_step=torch_step, nets=nets, bn_counts=bn_counts, jax_params=jax_params,
+              torch_params=torch_params)
 
 
 def _record_batch_norm_counts(torch_step):
@@ -93,30 +96,45 @@ def test_every_loss_term_and_gradient_norm_matches(runs):
                 "hint", "total", "grad_norm_gen", "grad_norm_disc", "grad_norm_seg"}
     assert expected <= set(jax_metrics)
     assert ("identity" in jax_metrics) == (variant == "defaults")
-    # Step 1 (same weights, same batch) is held to 1e-4. Later steps start from parameters that already differ by
-    # float32 rounding of the two frameworks' updates, which the following gradients amplify a little (seen: a
-    # discriminator gradient norm 1.2e-4 apart at step 2 on one machine), so they get 5e-4.
-    rtol = 1e-4 if step == 0 else 5e-4
+    # Step 1 (same weights, same batch) is held to 1e-4. Later steps start from generators that already differ
+    # (the L1 sign effect of test_parameters_after_sgd_steps_match), so they get 5e-4 for losses and 5e-3 for the
+    # gradient norms (seen: 1.4e-3 for the generators' at step 2).
     for key in sorted(jax_metrics):
+      rtol = 1e-4 if step == 0 else (5e-3 if key.startswith("grad_norm") else 5e-4)
       np.testing.assert_allclose(float(jax_metrics[key]), torch_metrics[key], rtol=rtol, atol=1e-5,
                                  err_msg=f"{variant} step {step + 1}: {key}")
 
 
+def _flat(tree):
+  return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
+
+
 def test_parameters_after_sgd_steps_match(runs):
-  from cmedl_jax.torch_port import bridge
+  """The updates (not only the parameters, which barely move at lr 0.001) agree, step by step.
+
+  Errors are judged against each network's largest update: conv biases in front of an instance norm have a true
+  gradient of zero and get rounding noise. The generators' cycle and identity losses are L1: a residual within
+  float rounding of zero takes the sign the rounding gives it, and one such pixel of the 8192 moves a generator's
+  gradient by ~2/sqrt(8192) of its size (measured: the generators' worst element 1e-3 of the largest update after
+  step 1, while every other network is within 1e-4; with lambda_cycle = lambda_identity = 0 the generators too
+  are within 3e-6). So generators are held to 5e-3 after step 1, and after step 2, when the networks already
+  differ by that much, every network's whole update must point the same way (cosine) with the same length.
+  """
   variant, r = runs
-  params_t, _ = bridge.variables_from_torch(r["torch_step"].state_dicts(), r["nets"], (32, 32, 1))
-  for name in params_t:
-    # The updates (not only the parameters, which barely move at lr 0.01) agree, judged against the network's
-    # largest update: conv biases in front of an instance norm have a true gradient of zero and get rounding noise.
-    moved = jax.tree.map(lambda new, old: new - old, r["state"].params[name], r["initial"].params[name])
-    moved_t = jax.tree.map(lambda new, old: new - old, params_t[name], r["initial"].params[name])
+  for name in r["initial"].params:
+    before = r["initial"].params[name]
+    moved = jax.tree.map(lambda new, old: new - old, r["jax_params"][0][name], before)
+    moved_t = jax.tree.map(lambda new, old: new - old, r["torch_params"][0][name], before)
     scale = max(float(np.abs(x).max()) for x in jax.tree.leaves(moved_t))
     assert scale > 0, name
+    tolerance = 5e-3 if name.startswith("gen") else 1e-4
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(moved), jax.tree.leaves(moved_t)):
-      np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * scale, err_msg=f"{variant} {name} {path}")
-    for a, b in zip(jax.tree.leaves(r["state"].params[name]), jax.tree.leaves(params_t[name])):
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=f"{variant} {name}")
+      np.testing.assert_allclose(a, b, rtol=0, atol=tolerance * scale, err_msg=f"{variant} step 1 {name} {path}")
+    total = _flat(r["jax_params"][-1][name]) - _flat(before)
+    total_t = _flat(r["torch_params"][-1][name]) - _flat(before)
+    cosine = total @ total_t / (np.linalg.norm(total) * np.linalg.norm(total_t))
+    assert cosine > 0.999, (variant, name, cosine)  # measured >= 0.9996 (gen_mr2ct), others >= 0.99998
+    np.testing.assert_allclose(np.linalg.norm(total), np.linalg.norm(total_t), rtol=1e-2, err_msg=name)  # seen: 2e-3
 
 
 def test_batch_norm_statistics_match(runs):

@@ -14,7 +14,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from cmedl_jax.models import build
 from cmedl_jax.torch_port import convert
-from cmedl_jax.train import image_pool
 from cmedl_jax.train import state as state_lib
 from cmedl_jax.train.networks import Networks
 
@@ -61,13 +60,6 @@ def train_state_from_torch(state_dicts: Mapping[str, Mapping[str, Any]], nets: N
   params, batch_stats = variables_from_torch(state_dicts, nets, image_shape)
   params = jax.tree.map(jnp.asarray, params)
   batch_stats = jax.tree.map(jnp.asarray, batch_stats)
-  grouped = state_lib.split_groups(params)
-  opt_state = {group: opt.init(grouped[group]) for group, opt in optimizers.items()}
-  pools = {}
-  if nets.disc_mr is not None:
-    pools["mr"] = image_pool.init_pool(cfg.pool_size, image_shape)
-  if nets.disc_ct is not None:
-    pools["ct"] = image_pool.init_pool(cfg.pool_size, image_shape)
-  state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                               opt_state=opt_state, pools=pools, rng=jax.random.key(0) if rng is None else rng)
+  state = state_lib.state_from_variables(nets, cfg, optimizers, params, batch_stats,
+                                         jax.random.key(0) if rng is None else rng, image_shape)
   return state if mesh is None else jax.device_put(state, NamedSharding(mesh, PartitionSpec()))

@@ -68,6 +68,11 @@ def create_train_state(nets: Networks, cfg, optimizers, key, image_shape) -> Tra
   """Initial state: params, BN statistics, optimizer states, empty pools, rng, step 0. Jit it (fast init)."""
   init_key, train_key = jax.random.split(key)
   params, batch_stats = init_variables(nets, init_key, image_shape)
+  return state_from_variables(nets, cfg, optimizers, params, batch_stats, train_key, image_shape)
+
+
+def state_from_variables(nets: Networks, cfg, optimizers, params, batch_stats, rng, image_shape) -> TrainState:
+  """Step 0 from given network variables: fresh optimizer states for them, empty image pools."""
   grouped = split_groups(params)
   opt_state = {group: opt.init(grouped[group]) for group, opt in optimizers.items()}
   pools = {}
@@ -76,4 +81,4 @@ def create_train_state(nets: Networks, cfg, optimizers, key, image_shape) -> Tra
   if nets.disc_ct is not None:
     pools["ct"] = image_pool.init_pool(cfg.pool_size, image_shape)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats, opt_state=opt_state,
-                    pools=pools, rng=train_key)
+                    pools=pools, rng=rng)
