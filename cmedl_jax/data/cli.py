@@ -3,6 +3,9 @@
     cmedl-data check ROOT [--require-labels]       validate every case, list every problem, print statistics
     cmedl-data preview --ct CT_ROOT --mri MRI_ROOT --out preview.png [--crop 64 --batch 8 --seed 0]
                                                    write one training batch as a PNG grid
+    cmedl-data examples [--out runs/examples] [--sdist PATH_OR_URL] [--cache DIR] [--sha256 HEX|any]
+                                                   real chest CTs with lung-tumor masks from the pyradiomics
+                                                   3.0.1 sdist on PyPI, written as a labelled dataset OUT/CT
 """
 
 from __future__ import annotations
@@ -61,6 +64,19 @@ def preview(ct_root, mri_root, out_path, *, crop_size=64, batch_size=8, seed=0):
   return png.write_png(out_path, png.tile(rows, columns=batch_size))
 
 
+def _examples(args):
+  from cmedl_jax.data import examples  # pynrrd and urllib are only needed here
+  try:
+    root, cases = examples.prepare_examples(args.out, sdist=args.sdist, cache=args.cache, sha256=args.sha256)
+  except DataError as e:
+    print(f"ERROR {e}", file=sys.stderr)
+    return 1
+  print(f"wrote {len(cases)} case(s) to {root} (dataset.json, imagesTr/, labelsTr/)")
+  print(f"check with:    cmedl-data check {root} --require-labels")
+  print(f"evaluate with: cmedl-evaluate --workdir RUN --data {root}")
+  return 0
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(prog="cmedl-data", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,6 +91,14 @@ def main(argv=None):
   p_prev.add_argument("--crop", type=int, default=64)
   p_prev.add_argument("--batch", type=int, default=8)
   p_prev.add_argument("--seed", type=int, default=0)
+  p_ex = sub.add_parser("examples", help="fetch real chest CTs with tumor masks (pyradiomics 3.0.1 sdist)")
+  p_ex.add_argument("--out", default="runs/examples", help="output folder; the dataset goes to OUT/CT")
+  p_ex.add_argument("--sdist", default=None,
+                    help="local pyradiomics-3.0.1.tar.gz (offline use) or its URL (default: look it up on PyPI)")
+  p_ex.add_argument("--cache", default=None, help="download cache (default ~/.cache/cmedl_jax/downloads)")
+  p_ex.add_argument("--sha256", default=None,
+                    help="expected sha256 of the sdist (default: PyPI's, or the known digest of "
+                         "pyradiomics-3.0.1.tar.gz for --sdist); 'any' skips the check")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -87,6 +111,8 @@ def main(argv=None):
       return 1
     print("OK")
     return 0
+  if args.command == "examples":
+    return _examples(args)
   try:
     path = preview(args.ct, args.mri, args.out, crop_size=args.crop, batch_size=args.batch, seed=args.seed)
   except DataError as e:
