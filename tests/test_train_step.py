@@ -208,7 +208,10 @@ def test_shard_map_pmap_and_single_device_agree():
   ref_metrics, ref_params = results["shard_map x1"]
   for name, (metrics, params) in results.items():
     for k in ref_metrics:
-      np.testing.assert_allclose(metrics[k], ref_metrics[k], rtol=2e-5, atol=1e-6, err_msg=f"{name} {k}")
+      # Gradient norms are summed in another order over 8 devices; the generators' L1 terms turn a residual at
+      # rounding distance from zero into either sign (see test_torch_step_parity), so they get 1e-4 (seen: 2.2e-5).
+      rtol = 1e-4 if k.startswith("grad_norm") else 2e-5
+      np.testing.assert_allclose(metrics[k], ref_metrics[k], rtol=rtol, atol=1e-6, err_msg=f"{name} {k}")
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
       np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5, err_msg=name)
   assert set(ref_metrics) >= {"g_adv_ct2mr", "g_adv_mr2ct", "cycle", "identity", "d_mr", "d_ct", "teacher_seg",
