@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from cmedl_jax.models import initializers, layers, resample, subpixel
+from cmedl_jax.models import fast_conv, initializers, layers, resample, subpixel
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -52,6 +52,80 @@ def test_conv2d_is_bit_identical_to_valid_conv_of_padded_input(k, stride, pad, m
   got = fast(x, kernel)
   assert got.shape == expected.shape
   np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+
+
+def _valid_conv_of_padded(x, kernel, stride, pad, mode, dilation):
+  """The straightforward form: explicit padding, then an unpadded convolution (XLA's own autodiff)."""
+  padded = layers.reflect_pad(x, pad) if mode == "reflect" else jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  return lax.conv_general_dilated(padded, kernel, (stride, stride), "VALID", rhs_dilation=(dilation, dilation),
+                                  dimension_numbers=DN)
+
+
+@pytest.mark.parametrize("matmul_kernel_grad", [False, True])
+@pytest.mark.parametrize("k,stride,pad,mode,dilation", CONV_CASES)
+def test_conv2d_custom_gradients_match_autodiff_of_plain_conv(k, stride, pad, mode, dilation, matmul_kernel_grad,
+                                                             monkeypatch):
+  # conv2d's custom VJP (flipped-kernel input gradient, matrix-product kernel gradient) against XLA's autodiff of
+  # the textbook form; both kernel-gradient paths are forced in turn.
+  monkeypatch.setattr(fast_conv, "use_matmul_kernel_grad", lambda *_: matmul_kernel_grad)
+  rng = _rng(k * 100 + stride * 10 + pad + 7)
+  x = _f32(rng.normal(size=(2, 17, 16, 5)))
+  kernel = _f32(rng.normal(size=(k, k, 5, 3)))
+  weights = _f32(rng.normal(size=_valid_conv_of_padded(x, kernel, stride, pad, mode, dilation).shape))
+  loss = lambda conv: (lambda a, b: jnp.sum(jnp.sin(conv(a, b)) * weights))  # noqa: E731
+  fast = jax.jit(jax.value_and_grad(loss(lambda a, b: layers.conv2d(
+      a, b, stride=stride, padding=pad, padding_mode=mode, dilation=dilation)), (0, 1)))
+  plain = jax.jit(jax.value_and_grad(loss(lambda a, b: _valid_conv_of_padded(a, b, stride, pad, mode, dilation)),
+                                     (0, 1)))
+  (value, (dx, dw)), (ref_value, (ref_dx, ref_dw)) = fast(x, kernel), plain(x, kernel)
+  np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(dx), np.asarray(ref_dx), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(dw), np.asarray(ref_dw), rtol=1e-5, atol=1e-4)
+
+
+def test_matmul_kernel_grad_is_used_on_large_maps_only():
+  assert fast_conv.use_matmul_kernel_grad((2, 65, 65, 256), (2, 64, 64, 512), (2, 2, 256, 512))  # sub-pixel up
+  assert not fast_conv.use_matmul_kernel_grad((2, 66, 66, 256), (2, 64, 64, 256), (3, 3, 256, 256))  # memory
+  assert not fast_conv.use_matmul_kernel_grad((4, 17, 17, 32), (4, 15, 15, 64), (4, 4, 32, 64))  # small map
+  assert not fast_conv.use_matmul_kernel_grad((4, 134, 134, 8), (4, 128, 128, 1), (7, 7, 8, 1))  # one channel
+  assert not fast_conv.use_matmul_kernel_grad((4, 128, 128, 8), (4, 128, 128, 8), (1, 1, 8, 8))  # 1x1: a GEMM
+  assert not fast_conv.use_matmul_kernel_grad((2, 256, 256, 64), (2, 256, 256, 64), (3, 3, 64, 64))  # memory
+
+
+def test_conv_kernel_grad_matches_torch():
+  torch = pytest.importorskip("torch")
+  rng = _rng(3)
+  x = rng.normal(size=(2, 20, 20, 6)).astype(np.float32)
+  kernel = rng.normal(size=(4, 4, 6, 8)).astype(np.float32)
+  g = rng.normal(size=(2, 10, 10, 8)).astype(np.float32)
+  got = fast_conv.conv_kernel_grad(_f32(x), _f32(g), kernel.shape, stride=2, padding=1, dilation=1)
+  xt = torch.tensor(x.transpose(0, 3, 1, 2))
+  wt = torch.tensor(kernel.transpose(3, 2, 0, 1), requires_grad=True)
+  torch.nn.functional.conv2d(xt, wt, stride=2, padding=1).backward(torch.tensor(g.transpose(0, 3, 1, 2)))
+  np.testing.assert_allclose(np.asarray(got), wt.grad.numpy().transpose(2, 3, 1, 0), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 10, 3), (1, 9, 7, 2)])
+def test_max_pool_2x2_values_and_gradients_match_flax_max_pool(shape):
+  import flax.linen as nn
+  rng = _rng(sum(shape))
+  # Quantised values make ties inside windows common: the gradient must go to the same (first) element.
+  x = _f32(np.round(rng.normal(size=shape) * 2) / 2)
+  weights = _f32(rng.normal(size=(shape[0], shape[1] // 2, shape[2] // 2, shape[3])))
+  reference = lambda a: nn.max_pool(a, (2, 2), strides=(2, 2))  # noqa: E731
+  np.testing.assert_array_equal(np.asarray(layers.max_pool_2x2(x)), np.asarray(reference(x)))
+  grad = lambda pool: jax.jit(jax.grad(lambda a: jnp.sum(pool(a) * weights)))(x)  # noqa: E731
+  np.testing.assert_array_equal(np.asarray(grad(layers.max_pool_2x2)), np.asarray(grad(reference)))
+
+
+def test_max_pool_2x2_gradient_matches_torch_at_ties():
+  torch = pytest.importorskip("torch")
+  x = np.round(_rng(5).normal(size=(2, 6, 8, 3)) * 2).astype(np.float32) / 2
+  g = _rng(6).normal(size=(2, 3, 4, 3)).astype(np.float32)
+  got = jax.vjp(layers.max_pool_2x2, _f32(x))[1](_f32(g))[0]
+  xt = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
+  torch.nn.functional.max_pool2d(xt, 2).backward(torch.tensor(g.transpose(0, 3, 1, 2)))
+  np.testing.assert_array_equal(np.asarray(got), xt.grad.numpy().transpose(0, 2, 3, 1))
 
 
 def test_reflect_pad_matches_numpy_reflect():

@@ -28,7 +28,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cmedl_jax.models.layers import Conv2d, ConvTranspose2d, batch_norm
+from cmedl_jax.models.layers import Conv2d, ConvTranspose2d, batch_norm, max_pool_2x2
 from cmedl_jax.models.resample import center_crop
 
 DROPOUT_RATE = 0.2
@@ -86,7 +86,7 @@ class TransitionDown(nn.Module):
     h = nn.relu(batch_norm(train, self.bn_axis_name, name="norm")(x))
     h = Conv2d(x.shape[-1], 1, name="conv")(h)
     h = _channel_dropout(self.dropout_rate, train)(h)
-    return nn.max_pool(h, (2, 2), strides=(2, 2))
+    return max_pool_2x2(h)
 
 
 class TransitionUp(nn.Module):

@@ -29,7 +29,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cmedl_jax.models import initializers
-from cmedl_jax.models.layers import Conv2d, batch_norm
+from cmedl_jax.models.layers import Conv2d, batch_norm, max_pool_2x2
 from cmedl_jax.models.resample import pad_to, upsample2x_bilinear_align_corners
 
 
@@ -62,7 +62,7 @@ class Down(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     """(N, H, W, in) -> (N, H // 2, W // 2, features)."""
-    x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = max_pool_2x2(x)
     return DoubleConv(self.features, self.conv_bias, self.bn_axis_name, name="maxpool_conv_1")(x, train)
 
 
