@@ -48,14 +48,24 @@ def module_path(torch_key: str) -> tuple[str, ...]:
   return tuple(path)
 
 
-def _convert(leaf: str, value: np.ndarray) -> np.ndarray:
-  if leaf == "kernel" and value.ndim == 4:
-    return np.transpose(value, (2, 3, 1, 0))
+def torch_to_flax_axes(leaf: str, ndim: int):
+  """The transpose taking a PyTorch array to the flax layout of ``leaf`` (None: unchanged).
+
+  Conv weight (out, in, kh, kw) -> kernel (kh, kw, in, out); ConvTranspose weight (in, out, kh, kw) ->
+  transposed_kernel (kh, kw, in, out); Linear weight (out, in) -> kernel (in, out).
+  """
+  if leaf == "kernel" and ndim == 4:
+    return (2, 3, 1, 0)
   if leaf == "transposed_kernel":
-    return np.transpose(value, (2, 3, 0, 1))
-  if leaf == "kernel" and value.ndim == 2:
-    return value.T
-  return value
+    return (2, 3, 0, 1)
+  if leaf == "kernel" and ndim == 2:
+    return (1, 0)
+  return None
+
+
+def _convert(leaf: str, value: np.ndarray) -> np.ndarray:
+  axes = torch_to_flax_axes(leaf, value.ndim)
+  return value if axes is None else np.transpose(value, axes)
 
 
 def torch_state_dict_to_variables(state_dict: Mapping[str, Any], target: Mapping[str, Any]) -> dict:

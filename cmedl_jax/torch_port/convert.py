@@ -114,24 +114,14 @@ def torch_shape(leaf: str, flax_shape: Sequence[int]) -> tuple[int, ...]:
   """PyTorch's shape of a flax leaf: conv (kh, kw, in, out) -> (out, in, kh, kw); transposed conv
   (kh, kw, in, out) -> (in, out, kh, kw); linear (in, out) -> (out, in); the rest unchanged."""
   shape = tuple(int(d) for d in flax_shape)
-  if leaf == "kernel" and len(shape) == 4:
-    return (shape[3], shape[2], shape[0], shape[1])
-  if leaf == "transposed_kernel":
-    return (shape[2], shape[3], shape[0], shape[1])
-  if leaf == "kernel" and len(shape) == 2:
-    return (shape[1], shape[0])
-  return shape
+  axes = torch_names.torch_to_flax_axes(leaf, len(shape))
+  return shape if axes is None else tuple(shape[i] for i in np.argsort(axes))
 
 
 def to_torch_layout(leaf: str, value: np.ndarray) -> np.ndarray:
-  """A flax array in PyTorch's layout (the inverse of the transposes in :mod:`torch_names`)."""
-  if leaf == "kernel" and value.ndim == 4:
-    return np.transpose(value, (3, 2, 0, 1))
-  if leaf == "transposed_kernel":
-    return np.transpose(value, (2, 3, 0, 1))
-  if leaf == "kernel" and value.ndim == 2:
-    return value.T
-  return value
+  """A flax array in PyTorch's layout (the inverse of :func:`torch_names.torch_to_flax_axes`)."""
+  axes = torch_names.torch_to_flax_axes(leaf, value.ndim)
+  return value if axes is None else np.transpose(value, np.argsort(axes))
 
 
 def expected_torch_keys(target: Mapping[str, Any]) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
