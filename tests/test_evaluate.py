@@ -70,6 +70,42 @@ def test_evaluate_run_writes_predictions_on_the_input_grid(trained_run, phantom_
   assert summary["num_cases"] == len(index.cases)
 
 
+def test_inplane_resampling_segments_at_the_target_pixel_size_and_returns_the_input_grid():
+  seen = []
+
+  def threshold_segmenter(ct_hu):  # stands in for the network: tumor = voxels above 0 HU
+    seen.append(ct_hu.shape)
+    return (ct_hu > 0).astype(np.uint8)
+
+  # A 40 x 40 mm square of 100 HU in a 200 x 100 mm field sampled at 0.5 x 1.0 mm, segmented at 2 mm pixels.
+  x = np.arange(400)[:, None, None] * 0.5 + 0.25
+  y = np.arange(100)[None, :, None] * 1.0 + 0.5
+  inside = (np.abs(x - 100) < 20) & (np.abs(y - 50) < 20) & np.ones((1, 1, 3), bool)
+  ct = np.where(inside, 100.0, -1000.0).astype(np.float32)
+  labels = inference.segment_at_inplane_spacing(threshold_segmenter, ct, (0.5, 1.0, 5.0), 2.0)
+  assert seen == [(100, 50, 3)]  # 200 mm / 2 mm, 100 mm / 2 mm; slices untouched
+  assert labels.shape == ct.shape and labels.dtype == np.uint8
+  # Back on the input grid the square is exact up to the 2 mm pixels at its edges.
+  assert np.mean(labels[inside]) == 1.0
+  assert abs(labels.sum() - inside.sum()) <= 2 * (80 + 40) * 3  # at most a 2 mm rim, all slices
+  # The scan's own pixel size: the segmenter sees the scan itself.
+  same = inference.segment_at_inplane_spacing(threshold_segmenter, ct[:, :50], (1.0, 1.0, 5.0), 1.0)
+  assert seen[-1] == (400, 50, 3)
+  np.testing.assert_array_equal(same, (ct[:, :50] > 0).astype(np.uint8))
+  with pytest.raises(ValueError, match="positive"):
+    inference.segment_at_inplane_spacing(threshold_segmenter, ct, (0.5, 1.0, 5.0), 0)
+
+
+def test_evaluate_run_with_inplane_spacing_keeps_the_input_grid(trained_run, phantom_dirs, tmp_path):
+  workdir, _ = trained_run
+  out_dir, _ = cli.evaluate_run(str(workdir), phantom_dirs[0], str(tmp_path / "eval"), progress=None,
+                                inplane_spacing_mm=3.0, tolerances_mm=(2.0,))
+  for case in dataset_index.load_dataset(phantom_dirs[0]).cases:
+    written = nib.load(os.path.join(out_dir, "predictions", f"{case.case_id}.nii.gz"))
+    assert written.shape == nib.load(case.image).shape
+  assert json.load(open(os.path.join(out_dir, "summary.json")))["settings"]["inplane_spacing_mm"] == 3.0
+
+
 # ---------------------------------------------------------------- scoring folders of predictions
 
 

@@ -44,8 +44,13 @@ def _metric_kwargs(args):
               connectivity=None if args.connectivity == "full" else 1)
 
 
-def evaluate_run(workdir, data_dir, out_dir=None, *, step=None, batch_size=None, progress=print, **metric_kwargs):
-  """Predicts every case of ``data_dir`` with the run's test-time network, writes NIfTIs and scores them."""
+def evaluate_run(workdir, data_dir, out_dir=None, *, step=None, batch_size=None, inplane_spacing_mm=None,
+                 progress=print, **metric_kwargs):
+  """Predicts every case of ``data_dir`` with the run's test-time network, writes NIfTIs and scores them.
+
+  ``inplane_spacing_mm``: segment each scan resampled in-plane to this pixel size (the predictions and metrics
+  stay on the scan's own grid); None segments at the scan's resolution.
+  """
   from cmedl_jax.data import dataset_index, nifti_io
   from cmedl_jax.evaluate import inference, scoring
 
@@ -59,7 +64,10 @@ def evaluate_run(workdir, data_dir, out_dir=None, *, step=None, batch_size=None,
   t0 = time.time()
   for i, case in enumerate(index.cases):
     image, label = nifti_io.load_case(case.image, case.label, allowed_labels=allowed)
-    prediction = segmenter(image.data)
+    if inplane_spacing_mm:
+      prediction = inference.segment_at_inplane_spacing(segmenter, image.data, image.spacing, inplane_spacing_mm)
+    else:
+      prediction = segmenter(image.data)
     pred_path = nifti_io.save_like(os.path.join(pred_dir, f"{case.case_id}.nii.gz"), prediction, image)
     row, lesions, fps = scoring.score_case(case.case_id, prediction > 0, label.data > 0, image.spacing,
                                            **metric_kwargs)
@@ -73,7 +81,8 @@ def evaluate_run(workdir, data_dir, out_dir=None, *, step=None, batch_size=None,
                f"{row['false_positive_components']} false-positive component(s)")
   settings = {"workdir": os.path.abspath(workdir), "checkpoint_step": predictor.step,
               "method": predictor.cfg.method, "test_time_network": predictor.test_time_network,
-              "data": os.path.abspath(data_dir), "tolerances_mm": list(metric_kwargs.get("tolerances_mm", ())),
+              "data": os.path.abspath(data_dir), "inplane_spacing_mm": inplane_spacing_mm,
+              "tolerances_mm": list(metric_kwargs.get("tolerances_mm", ())),
               "hd95_convention": metric_kwargs.get("convention", "deepmind"),
               "empty_policy": metric_kwargs.get("empty_policy", "inf"),
               "lesion_connectivity": metric_kwargs.get("connectivity") or "full",
@@ -90,8 +99,13 @@ def main_evaluate(argv=None):
   parser.add_argument("--out", default=None, help="output folder (default WORKDIR/eval/<data folder name>)")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   parser.add_argument("--batch-size", type=int, default=None, help="slices per inference batch")
+  parser.add_argument("--inplane-spacing", type=float, default=None, metavar="MM",
+                      help="segment at this in-plane pixel size (mm), e.g. the training data's; predictions and "
+                           "metrics stay on each scan's grid (default: the scan's own resolution)")
   _add_metric_options(parser)
   args = parser.parse_args(argv)
+  if args.inplane_spacing is not None and not args.inplane_spacing > 0:
+    parser.error(f"--inplane-spacing must be a positive number of mm, got {args.inplane_spacing}")
   logging.basicConfig(level=logging.WARNING, format="%(message)s")
   from cmedl_jax.evaluate import scoring
   from cmedl_jax.utils import compilation_cache
@@ -99,7 +113,7 @@ def main_evaluate(argv=None):
   kwargs = _metric_kwargs(args)
   try:
     out_dir, summary = evaluate_run(args.workdir, args.data, args.out, step=args.step, batch_size=args.batch_size,
-                                    **kwargs)
+                                    inplane_spacing_mm=args.inplane_spacing, **kwargs)
   except (DataError, FileNotFoundError) as e:
     print(f"ERROR {e}", file=sys.stderr)
     return 1

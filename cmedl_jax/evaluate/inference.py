@@ -122,5 +122,37 @@ class VolumeSegmenter:
     return preprocess.stack_axial(out[valid][:, :h, :w])
 
 
+def segment_at_inplane_spacing(segmenter, ct_hu, spacing_mm, target_mm):
+  """Segments ``ct_hu`` resampled in-plane to ``target_mm`` pixels; the label map comes back on the input grid.
+
+  For a network trained at another pixel size than the scan's (e.g. phantoms vs real CT): the slices are
+  resampled linearly (slice positions unchanged), segmented, and the labels taken back to every input voxel from
+  the resampled pixel whose centre is nearest.
+
+  Args:
+    segmenter: a :class:`VolumeSegmenter` (or any (X, Y, Z) HU -> (X, Y, Z) labels callable).
+    ct_hu: (X, Y, Z) CT in HU.
+    spacing_mm: (3,) voxel size of ``ct_hu``.
+    target_mm: in-plane pixel size to segment at (mm, > 0).
+
+  Returns:
+    (X, Y, Z) uint8 labels on the input grid.
+  """
+  from scipy import ndimage
+  if not target_mm or float(target_mm) <= 0:
+    raise ValueError(f"the in-plane spacing must be a positive number of mm, got {target_mm!r}")
+  x, y, _ = ct_hu.shape
+  shape = [max(1, int(round(n * float(s) / float(target_mm)))) for n, s in zip((x, y), spacing_mm[:2])]
+  if shape == [x, y]:
+    return segmenter(ct_hu)
+  resampled = ndimage.zoom(np.asarray(ct_hu, np.float32), (shape[0] / x, shape[1] / y, 1.0), order=1,
+                           grid_mode=True, mode="nearest")
+  labels = segmenter(resampled)
+  # Nearest resampled pixel centre of each input voxel centre (grid_mode: pixel edges of both grids align).
+  rows = np.minimum(((np.arange(x) + 0.5) * labels.shape[0] / x).astype(int), labels.shape[0] - 1)
+  cols = np.minimum(((np.arange(y) + 0.5) * labels.shape[1] / y).astype(int), labels.shape[1] - 1)
+  return np.ascontiguousarray(labels[rows][:, cols]).astype(np.uint8)
+
+
 def default_output_dir(workdir, data_dir):
   return os.path.join(workdir, "eval", os.path.basename(os.path.normpath(data_dir)))
