@@ -86,3 +86,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(batch_size=16, data_dir="", tolerances_mm=(2.0, 4.0),
                                            hd95_convention="deepmind"))
   return c
+
+
+def load_config_file(path, arg=None) -> ml_collections.ConfigDict:
+  """``get_config(arg)`` (or ``get_config()`` when ``arg`` is None) of a config file, as cmedl-train reads it.
+
+  Raises:
+    DataError: ``path`` is not a file.
+  """
+  import importlib.util
+  import os
+  from cmedl_jax.errors import DataError
+  if not os.path.isfile(path):
+    raise DataError(path, "config file does not exist")
+  spec = importlib.util.spec_from_file_location("cmedl_config_file", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg is not None else module.get_config()

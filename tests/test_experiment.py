@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage, stats
 
+from cmedl_jax import config_base
 from cmedl_jax.data import dataset_index, nifti_io, phantoms
 from cmedl_jax.errors import DataError
 from cmedl_jax.evaluate import scoring
@@ -17,7 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_experiment_config_overrides_method_seeds_and_shares_the_phantoms(tmp_path):
-  base = runner.load_config(os.path.join(REPO, "configs", "quickstart.py"))
+  base = config_base.load_config_file(os.path.join(REPO, "configs", "quickstart.py"))
   cfg = runner.experiment_config(base, str(tmp_path), "ct_pmri_concat", 2, steps=7, num_test=3)
   assert (cfg.method, cfg.seed, cfg.data.seed, cfg.train.total_steps) == ("ct_pmri_concat", 2, 2, 7)
   assert cfg.data.ct_dir == os.path.join(str(tmp_path), "phantoms", "CT")

@@ -27,7 +27,6 @@ JAX / PyTorch of images/s (> 1: JAX is faster), the machine's load average, and 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -36,6 +35,8 @@ import sys
 import time
 
 import numpy as np
+
+from cmedl_jax import config_base
 
 _CONFIGS = {"quickstart": ("configs/quickstart.py", "cyclegan"), "paper": ("configs/cmedl.py", "cyclegan,unet")}
 
@@ -47,10 +48,7 @@ def load_config(spec: str):
   found = next((p for p in candidates if os.path.exists(p)), None)
   if found is None:
     raise SystemExit(f"config file {path!r} not found (run from the repository root or pass FILE.py)")
-  module_spec = importlib.util.spec_from_file_location("_bench_config", found)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg is not None else module.get_config()
+  return config_base.load_config_file(found, arg)
 
 
 def synthetic_batch(batch, size, seed=0):

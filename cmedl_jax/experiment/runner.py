@@ -22,6 +22,7 @@ import os
 import sys
 import time
 
+from cmedl_jax import config_base
 from cmedl_jax.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -31,17 +32,6 @@ METHODS = ("cmedl", "ct_only", "pmri_only", "ct_pmri_concat")
 
 def run_name(method, seed):
   return f"{method}_seed{seed}"
-
-
-def load_config(config_path, arg=None):
-  """``get_config(arg)`` of a config file (the same files cmedl-train takes)."""
-  import importlib.util
-  if not os.path.isfile(config_path):
-    raise DataError(config_path, "config file does not exist")
-  spec = importlib.util.spec_from_file_location("cmedl_experiment_config", config_path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg) if arg is not None else module.get_config()
 
 
 def experiment_config(base, out_dir, method, seed, steps=None, num_test=None):
@@ -101,7 +91,7 @@ def main(argv=None):
   from cmedl_jax.utils import compilation_cache
   compilation_cache.enable_persistent_cache()
   try:
-    base = load_config(args.config)
+    base = config_base.load_config_file(args.config)
   except DataError as e:
     print(f"ERROR {e}", file=sys.stderr)
     return 1
