@@ -110,9 +110,9 @@ def test_report_tables_match_numpy_and_scipy(fake_experiment, tmp_path):
 def test_lesion_locations_follow_the_phantom_tumors(fake_experiment):
   out, _ = fake_experiment
   info_path = out / "phantoms" / "test" / "phantoms.json"
-  locations = report.lesion_locations(str(info_path), str(out / "phantoms" / "test" / "CT"))
-  info = json.loads(info_path.read_text())
   lesions = report.collect(str(out / "runs"), ["cmedl"], [0])["cmedl"]["lesions"]
+  locations = report.lesion_locations(str(info_path), str(out / "phantoms" / "test" / "CT"), lesions)
+  info = json.loads(info_path.read_text())
   assert set(locations) == {(r["case"], r["lesion_id"]) for r in lesions}
   for case in info["cases"]["CT"]:
     found = sorted(v for (c, _), v in locations.items() if c == case["case_id"])

@@ -9,7 +9,7 @@ values and the table says how many were infinite (the paired test drops those pa
 
 Lesion locations ("lung" inside the parenchyma, "mediastinal" abutting the mediastinum, where CT contrast is
 ~10 HU) come from the phantoms' ``phantoms.json``: each reference lesion is matched to the phantom tumor whose
-centre is nearest its centroid in world coordinates.
+centre is nearest its centroid (from lesions.csv) in world coordinates.
 """
 
 from __future__ import annotations
@@ -59,10 +59,15 @@ def collect(runs_dir, methods, seeds):
   return results
 
 
-def lesion_locations(phantom_info_path, test_ct_dir):
-  """{(case, lesion_id): "lung" | "mediastinal"} for the reference lesions of the held-out phantoms."""
+def lesion_locations(phantom_info_path, test_ct_dir, lesion_rows):
+  """{(case, lesion_id): "lung" | "mediastinal"} for the reference lesions of the held-out phantoms.
+
+  Args:
+    phantom_info_path: the test phantoms' ``phantoms.json``.
+    test_ct_dir: their dataset folder (for each case's canonical affine).
+    lesion_rows: rows of a ``lesions.csv`` of these cases (their ``centroid_voxel``, canonical voxel indices).
+  """
   import json
-  from scipy import ndimage
   from cmedl_jax.data import dataset_index, nifti_io
   if not os.path.exists(phantom_info_path):
     return {}
@@ -70,19 +75,19 @@ def lesion_locations(phantom_info_path, test_ct_dir):
     info = json.load(f)
   index = dataset_index.load_dataset(test_ct_dir, require_labels=True)
   by_id = {c["case_id"]: c for c in info["cases"]["CT"]}
+  centroids = {}
+  for r in lesion_rows:
+    centroids.setdefault(r["case"], {})[r["lesion_id"]] = [float(c) for c in r["centroid_voxel"].split(";")]
   locations = {}
   for case in index.cases:
-    if case.case_id not in by_id:
+    if case.case_id not in by_id or case.case_id not in centroids:
       continue
     tumors = by_id[case.case_id]["tumors"]
     phantom_affine = np.asarray(by_id[case.case_id]["affine_ras"])
     centres = np.array([(phantom_affine @ np.r_[t["centre_voxel"], 1.0])[:3] for t in tumors])
-    _, label = nifti_io.load_case(case.image, case.label)
-    # Same lesion numbering as cmedl_jax.metrics.lesions: full connectivity, scipy's label order.
-    components, count = ndimage.label(label.data > 0, structure=np.ones((3, 3, 3)))
-    for lesion_id, centroid in enumerate(ndimage.center_of_mass(np.ones(components.shape), components,
-                                                                range(1, count + 1)), start=1):
-      world = (label.affine @ np.r_[centroid, 1.0])[:3]
+    image, _ = nifti_io.load_case(case.image)  # the canonical affine the evaluation's voxel indices refer to
+    for lesion_id, centroid in centroids[case.case_id].items():
+      world = (image.affine @ np.r_[centroid, 1.0])[:3]
       nearest = int(np.argmin(np.linalg.norm(centres - world, axis=1)))
       locations[(case.case_id, lesion_id)] = tumors[nearest]["location"]
   return locations
@@ -225,7 +230,9 @@ def write_report(results, out_dir, *, reference="cmedl", phantom_info=None, sett
   """
   os.makedirs(out_dir, exist_ok=True)
   test_ct = os.path.join(os.path.dirname(phantom_info), "CT") if phantom_info else None
-  locations = lesion_locations(phantom_info, test_ct) if phantom_info else {}
+  # Every run scored the same reference lesions: any run's rows give their centroids.
+  reference_lesions = next(iter(results.values()))["lesions"] if results else []
+  locations = lesion_locations(phantom_info, test_ct, reference_lesions) if phantom_info else {}
   tests = paired_tests(results, reference) if reference in results and len(results) > 1 else {}
   plots = _plots(results, locations, out_dir)
   written = []
