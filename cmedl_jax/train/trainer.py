@@ -178,12 +178,13 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
   backend = cfg.train.backend
   # ======================================================================== data
   # [multi-process] Process 0 writes any phantoms before the others look, so no two processes write the same
-  # files; a process on a filesystem of its own then writes its own (identical) copy.
+  # files; a process on a filesystem of its own then writes its own (identical) copy. (Barriers are no-ops for a
+  # single process.)
   multi_process = jax.process_count() > 1
-  if multi_process and not is_main:
+  if not is_main:
     distributed.barrier("cmedl_data_ready")
   ct_dir, mri_dir = ensure_data(cfg)
-  if multi_process and is_main:
+  if is_main:
     distributed.barrier("cmedl_data_ready")
   d = cfg.data
   ct = pipeline.load_store(ct_dir, modality="CT", require_labels=True, ct_window=tuple(d.ct_window))
@@ -294,8 +295,7 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
         if step_number % cfg.train.checkpoint_every == 0 or step_number == end_step:
           save(step_number)
         # [multi-process] SIGTERM reaches the processes at different steps; all must stop at the same one.
-        stop = distributed.any_process(sigterm.raised) if multi_process else sigterm.raised
-        if stop:
+        if distributed.any_process(sigterm.raised):
           save(step_number, force=True)
           stopped = True
           break
