@@ -113,7 +113,8 @@ def max_pool_2x2(x):
 
 
 def _max_pool_2x2_fwd(x):
-  return max_pool_2x2(x), (x, max_pool_2x2(x))
+  y = max_pool_2x2(x)
+  return y, (x, y)
 
 
 def _max_pool_2x2_bwd(residuals, g):
