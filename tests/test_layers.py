@@ -61,16 +61,27 @@ def _valid_conv_of_padded(x, kernel, stride, pad, mode, dilation):
                                   dimension_numbers=DN)
 
 
-@pytest.mark.parametrize("matmul_kernel_grad", [False, True])
+# Kernel-gradient paths (forced): XLA's; the matrix products per kernel row (shifted views concatenated) or per
+# tap, unrolled or in a lax.scan over kernel rows. With 5 -> 3 channels stride-1 convolutions shift the output
+# gradient, with 3 -> 5 the input.
+KERNEL_GRAD_PATHS = [("xla", 5, 3), ("rows", 5, 3), ("rows", 3, 5), ("scan-rows", 3, 5), ("scan-taps", 5, 3),
+                     ("scan-taps", 3, 5)]
+
+
+@pytest.mark.parametrize("path,cin,cout", KERNEL_GRAD_PATHS)
 @pytest.mark.parametrize("k,stride,pad,mode,dilation", CONV_CASES)
-def test_conv2d_custom_gradients_match_autodiff_of_plain_conv(k, stride, pad, mode, dilation, matmul_kernel_grad,
+def test_conv2d_custom_gradients_match_autodiff_of_plain_conv(k, stride, pad, mode, dilation, path, cin, cout,
                                                              monkeypatch):
   # conv2d's custom VJP (flipped-kernel input gradient, matrix-product kernel gradient) against XLA's autodiff of
-  # the textbook form; both kernel-gradient paths are forced in turn.
-  monkeypatch.setattr(fast_conv, "use_matmul_kernel_grad", lambda *_: matmul_kernel_grad)
+  # the textbook form.
+  monkeypatch.setattr(fast_conv, "use_matmul_kernel_grad", lambda *_: path != "xla")
+  if path.startswith("scan"):
+    monkeypatch.setattr(fast_conv, "_MAX_UNROLLED_ROW_BYTES", 0)
+  if path.endswith("taps"):
+    monkeypatch.setattr(fast_conv, "_MIN_CHANNELS_PER_TAP", 1)
   rng = _rng(k * 100 + stride * 10 + pad + 7)
-  x = _f32(rng.normal(size=(2, 17, 16, 5)))
-  kernel = _f32(rng.normal(size=(k, k, 5, 3)))
+  x = _f32(rng.normal(size=(2, 17, 16, cin)))
+  kernel = _f32(rng.normal(size=(k, k, cin, cout)))
   weights = _f32(rng.normal(size=_valid_conv_of_padded(x, kernel, stride, pad, mode, dilation).shape))
   loss = lambda conv: (lambda a, b: jnp.sum(jnp.sin(conv(a, b)) * weights))  # noqa: E731
   fast = jax.jit(jax.value_and_grad(loss(lambda a, b: layers.conv2d(
@@ -83,25 +94,39 @@ def test_conv2d_custom_gradients_match_autodiff_of_plain_conv(k, stride, pad, mo
   np.testing.assert_allclose(np.asarray(dw), np.asarray(ref_dw), rtol=1e-5, atol=1e-4)
 
 
-def test_matmul_kernel_grad_is_used_on_large_maps_only():
-  assert fast_conv.use_matmul_kernel_grad((2, 65, 65, 256), (2, 64, 64, 512), (2, 2, 256, 512))  # sub-pixel up
-  assert not fast_conv.use_matmul_kernel_grad((2, 66, 66, 256), (2, 64, 64, 256), (3, 3, 256, 256))  # memory
-  assert not fast_conv.use_matmul_kernel_grad((4, 17, 17, 32), (4, 15, 15, 64), (4, 4, 32, 64))  # small map
-  assert not fast_conv.use_matmul_kernel_grad((4, 134, 134, 8), (4, 128, 128, 1), (7, 7, 8, 1))  # one channel
-  assert not fast_conv.use_matmul_kernel_grad((4, 128, 128, 8), (4, 128, 128, 8), (1, 1, 8, 8))  # 1x1: a GEMM
-  assert not fast_conv.use_matmul_kernel_grad((2, 256, 256, 64), (2, 256, 256, 64), (3, 3, 64, 64))  # memory
+def test_matmul_kernel_grad_is_used_except_where_xla_is_as_fast():
+  use = fast_conv.use_matmul_kernel_grad
+  paper_layers = [  # (output, kernel, stride, padding) of the paper networks at 256 px, batch 2
+      ((2, 64, 64, 512), (2, 2, 256, 512), 1, 0),  # generator sub-pixel up
+      ((2, 64, 64, 256), (3, 3, 256, 256), 1, 0),  # generator residual block
+      ((2, 256, 256, 64), (7, 7, 1, 64), 1, 0),  # generator input layer
+      ((2, 256, 256, 1), (7, 7, 64, 1), 1, 0),  # generator output layer
+      ((2, 128, 128, 128), (3, 3, 64, 128), 2, 1),  # generator down
+      ((2, 256, 256, 64), (3, 3, 64, 64), 1, 1),  # U-Net first block
+      ((2, 64, 64, 128), (4, 4, 64, 128), 2, 1)]  # PatchGAN
+  for shapes in paper_layers:
+    assert use(*shapes), shapes
+  assert use((4, 32, 32, 64), (2, 2, 32, 64), 1, 0)  # quickstart sub-pixel up
+  assert use((4, 128, 128, 1), (7, 7, 8, 1), 1, 0)  # one output channel
+  assert not use((4, 32, 32, 32), (3, 3, 32, 32), 1, 0)  # quickstart residual block: narrow
+  assert not use((4, 128, 128, 8), (7, 7, 1, 8), 1, 0)  # narrow
+  assert not use((4, 15, 15, 64), (4, 4, 64, 64), 1, 0)  # small map
+  assert not use((4, 128, 128, 8), (1, 1, 8, 8), 1, 0)  # 1x1: a GEMM
 
 
-def test_conv_kernel_grad_matches_torch():
+@pytest.mark.parametrize("k,stride,pad,cin,cout",
+                         [(4, 2, 1, 6, 8), (7, 1, 3, 8, 1), (3, 1, 1, 1, 4), (3, 1, 1, 64, 64)])
+def test_conv_kernel_grad_matches_torch(k, stride, pad, cin, cout):
   torch = pytest.importorskip("torch")
   rng = _rng(3)
-  x = rng.normal(size=(2, 20, 20, 6)).astype(np.float32)
-  kernel = rng.normal(size=(4, 4, 6, 8)).astype(np.float32)
-  g = rng.normal(size=(2, 10, 10, 8)).astype(np.float32)
-  got = fast_conv.conv_kernel_grad(_f32(x), _f32(g), kernel.shape, stride=2, padding=1, dilation=1)
+  x = rng.normal(size=(2, 20, 20, cin)).astype(np.float32)
+  kernel = rng.normal(size=(k, k, cin, cout)).astype(np.float32)
+  out = (20 + 2 * pad - k) // stride + 1
+  g = rng.normal(size=(2, out, out, cout)).astype(np.float32)
+  got = fast_conv.conv_kernel_grad(_f32(x), _f32(g), kernel.shape, stride=stride, padding=pad, dilation=1)
   xt = torch.tensor(x.transpose(0, 3, 1, 2))
   wt = torch.tensor(kernel.transpose(3, 2, 0, 1), requires_grad=True)
-  torch.nn.functional.conv2d(xt, wt, stride=2, padding=1).backward(torch.tensor(g.transpose(0, 3, 1, 2)))
+  torch.nn.functional.conv2d(xt, wt, stride=stride, padding=pad).backward(torch.tensor(g.transpose(0, 3, 1, 2)))
   np.testing.assert_allclose(np.asarray(got), wt.grad.numpy().transpose(2, 3, 1, 0), rtol=1e-5, atol=1e-4)
 
 

@@ -4,9 +4,10 @@ Measured on this project's 2-core CPU (jax 0.10.2, docs/performance.md):
 
 - an unpadded ("VALID") convolution runs 3-5x slower than the same convolution with any non-zero padding, so the
   forward pass runs unpadded convolutions as ``SAME`` ones and crops the border outputs (bit-identical);
-- XLA's weight-gradient convolution is 1.5-4.5x slower than the forward convolution on the large maps of the paper
-  networks (e.g. 2.3 s vs 0.2 s for the U-Net's 64-channel 256 px layer); the kernel gradient is computed instead as
-  one matrix product per kernel row (:func:`conv_kernel_grad`), where that is faster (:func:`use_matmul_kernel_grad`);
+- XLA's weight-gradient convolution is 3-10x slower than the forward convolution on the large maps of the paper
+  networks (e.g. 1.7 s vs 0.1 s for the U-Net's 64-channel 256 px layer); the kernel gradient is computed instead as
+  matrix products over shifted views (:func:`conv_kernel_grad`, 0.3 s there), where that is faster
+  (:func:`use_matmul_kernel_grad`);
 - the input gradient of a stride-1 convolution is run as a padded convolution with the flipped kernel, i.e. in the
   same fast forward form.
 """
@@ -20,12 +21,13 @@ import jax.numpy as jnp
 from jax import lax
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
-# conv_kernel_grad: inputs at least this wide get one matrix product per kernel tap instead of per kernel row.
+# conv_kernel_grad: kernel rows whose shifted copies take more bytes run in a lax.scan (peak memory).
+_MAX_UNROLLED_ROW_BYTES = 16 * 2 ** 20
+# conv_kernel_grad: shifted operands at least this wide get one product per tap (XLA:CPU's concatenation of the
+# shifted views is a second copy, 1.3 s of the paper step); narrower ones one per kernel row (thin products are slow).
 _MIN_CHANNELS_PER_TAP = 64
-# use_matmul_kernel_grad: larger inputs (bytes, float32) keep XLA's weight gradient (peak memory).
-_MAX_INPUT_BYTES = 20 * 2 ** 20
-# use_matmul_kernel_grad: kernels with more taps keep XLA's weight gradient (peak memory, see there).
-_MAX_TAPS = 4
+# use_matmul_kernel_grad: with fewer channels on the non-shifted side, XLA's weight gradient is as fast.
+_MIN_OTHER_CHANNELS = 64
 
 
 def _conv_forward(x, kernel, stride: int, padding: int, dilation: int):
@@ -52,11 +54,18 @@ def _conv_forward(x, kernel, stride: int, padding: int, dilation: int):
 def conv_kernel_grad(x, g, kernel_shape, *, stride: int, padding: int, dilation: int):
   """Gradient of a zero-padded convolution with respect to its (kh, kw, in, out) kernel, as matrix products.
 
-  ``dw[i, j] = sum_{n, h, w} x_pad[n, h s + i d, w s + j d, :]^T g[n, h, w, :]``. One product per kernel row
-  ``i``: the ``kw`` shifted (strided) views of the padded input are concatenated along channels, giving an
-  (N H' W', kw * in) x (N H' W', out) contraction; inputs of 64 channels or more get one product per tap instead
-  (same speed, a third of the peak memory). XLA:CPU's own weight-gradient convolution is 1.3-4x slower than
-  this for the generator's and the U-Net's layers (docs/performance.md).
+  ``dw[i, j] = sum_{n, h, w} x_pad[n, h s + i d, w s + j d, :]^T g[n, h, w, :]``, computed one kernel row ``i`` at
+  a time from the ``kw`` shifted views of one operand, each contracted with the other operand over all pixels
+  (2-D GEMMs). The shifted operand is the one with fewer channels (so the copies are small): the padded input,
+  (N H' W', in) x (N H' W', out) per tap; or, for stride-1 convolutions with fewer output than input channels
+  (e.g. the generator's last 7x7 conv), the output gradient padded by ``d (k - 1) - p``, (N H W, in) x
+  (N H W, out) per tap. Views of fewer than ``_MIN_CHANNELS_PER_TAP`` channels are concatenated along channels
+  first (one (kw * c)-wide product per row: thin products run slowly), wider ones get one product per tap (the
+  concatenation would be a second copy). Large operands go through a ``lax.scan`` over kernel rows, so that only
+  one row's shifted copies exist at a time (unrolled, XLA:CPU schedules the copies of many layers at once and the
+  paper step's peak temporary memory went from 4.5 to 10.7 GB, with the scan 4.8 GB); small ones are unrolled (the
+  loop costs ~1 ms per layer). XLA:CPU's own weight-gradient convolution is 2-7x slower than this on the paper
+  networks' 3x3/7x7 layers (docs/performance.md).
 
   Args:
     x: (N, H, W, in) input of the convolution (before its zero padding).
@@ -68,46 +77,102 @@ def conv_kernel_grad(x, g, kernel_shape, *, stride: int, padding: int, dilation:
     (kh, kw, in, out) kernel gradient, in the dtype of ``x``.
   """
   kh, kw, cin, cout = kernel_shape
+  # The barrier materialises x and g once: otherwise XLA fuses their producers (instance norm, ReLU, reflection
+  # padding) into every shifted copy and recomputes them per kernel row (measured 3x slower in the step).
+  x, g = lax.optimization_barrier((x, g.astype(x.dtype)))
+  if _shift_output_gradient(kernel_shape, stride, padding, dilation):
+    rows = _kernel_rows_shifting_g(x, g, kernel_shape, padding, dilation)
+  else:
+    rows = _kernel_rows_shifting_x(x, g, kernel_shape, stride, padding, dilation)
+  return rows.reshape(kh, kw, cin, cout)
+
+
+def _shift_output_gradient(kernel_shape, stride, padding, dilation) -> bool:
+  kh, kw, cin, cout = kernel_shape
+  return stride == 1 and cout < cin and min(kh - 1, kw - 1) * dilation >= padding
+
+
+def _gemm_over_pixels(a, b):
+  """(..., p) x (..., q) -> (p, q), contracting every leading axis.
+
+  2-D operands on purpose: XLA:CPU emits a multi-axis contraction as a slow loop nest, a 2-D one as a GEMM (30x).
+  """
+  return lax.dot_general(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]), (((0,), (0,)), ((), ())))
+
+
+def _map_rows(row_fn, source, kh: int, row_offset, row_span: int, kw: int):
+  """``stack([row_fn(source[:, row_offset(i):row_offset(i) + row_span]) for i in range(kh)])``.
+
+  Unrolled when one row's ``kw`` shifted copies are small, else a ``lax.scan`` (one row's copies alive at a time).
+  """
+  n, _, width, channels = source.shape
+  if kw * n * row_span * width * channels * source.dtype.itemsize <= _MAX_UNROLLED_ROW_BYTES:
+    return jnp.stack([row_fn(lax.slice_in_dim(source, row_offset(i), row_offset(i) + row_span, axis=1))
+                      for i in range(kh)])
+
+  def body(carry, i):
+    return carry, row_fn(lax.dynamic_slice_in_dim(source, row_offset(i), row_span, axis=1))
+
+  return lax.scan(body, None, jnp.arange(kh))[1]
+
+
+def _kernel_rows_shifting_x(x, g, kernel_shape, stride, padding, dilation):
+  kh, kw, cin, cout = kernel_shape
   n, out_h, out_w, _ = g.shape
-  # The shifted copies of x depend on x alone, so XLA would schedule them as soon as the forward pass made x and
-  # keep them all alive until their products; the barrier ties them to g.
-  x, g = lax.optimization_barrier((x, g))
   if padding:
     x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-  g2 = g.reshape(-1, cout).astype(x.dtype)
-  rows = []
-  for i in range(kh):
-    views = [
-        lax.slice(x, (0, i * dilation, j * dilation, 0),
-                  (n, i * dilation + (out_h - 1) * stride + 1, j * dilation + (out_w - 1) * stride + 1, cin),
-                  (1, stride, stride, 1))
-        for j in range(kw)]
-    # 2-D operands: XLA:CPU emits a multi-axis contraction as a slow loop nest, a 2-D one as a GEMM (30x here).
-    product = lambda v: lax.dot_general(v.reshape(-1, v.shape[-1]), g2, (((0,), (0,)), ((), ())))  # noqa: E731
+  span_h, span_w = (out_h - 1) * stride + 1, (out_w - 1) * stride + 1
+
+  def row(block):  # block: the padded input rows read by kernel row i, (N, span_h, W_pad, in)
+    views = [lax.slice(block, (0, 0, j * dilation, 0), (n, span_h, j * dilation + span_w, cin),
+                       (1, stride, stride, 1)) for j in range(kw)]
     if cin >= _MIN_CHANNELS_PER_TAP:
-      # Wide inputs: one product per tap keeps one shifted copy alive at a time (the concatenated row of the
-      # U-Net's 256 px layers would hold 3 copies of a 67 MB map, and XLA keeps several rows alive).
-      rows.append(jnp.stack([product(v) for v in views]))
-    else:
-      # Narrow inputs (e.g. the 7x7 conv on 1 channel): per-tap products would be too thin to run fast.
-      rows.append(product(views[0] if kw == 1 else jnp.concatenate(views, axis=-1)).reshape(kw, cin, cout))
-  return jnp.stack(rows)
+      return jnp.stack([_gemm_over_pixels(v, g) for v in views])
+    return _gemm_over_pixels(views[0] if kw == 1 else jnp.concatenate(views, axis=-1), g)  # (kw * in, out)
+
+  return _map_rows(row, x, kh, lambda i: i * dilation, span_h, kw)
 
 
-def use_matmul_kernel_grad(in_shape, out_shape, kernel_shape) -> bool:
+def _kernel_rows_shifting_g(x, g, kernel_shape, padding, dilation):
+  # Stride 1: output pixel (h, w) reads input (h + i d - p, w + j d - p), so
+  # dw[i, j] = sum_{h', w'} x[h', w']^T g[h' - i d + p, w' - j d + p] (zero outside g).
+  kh, kw, cin, cout = kernel_shape
+  n, h, w, _ = x.shape
+  low_h, low_w = (kh - 1) * dilation - padding, (kw - 1) * dilation - padding
+  g = jnp.pad(g, ((0, 0), (low_h, low_h), (low_w, low_w), (0, 0)))
+
+  def row(block):  # block: the padded gradient rows that meet the input under kernel row i, (N, H, W_pad, out)
+    views = [lax.slice(block, (0, 0, low_w + padding - j * dilation, 0),
+                       (n, h, low_w + padding - j * dilation + w, cout)) for j in range(kw)]
+    if cout >= _MIN_CHANNELS_PER_TAP:
+      return jnp.stack([_gemm_over_pixels(x, v) for v in views])
+    product = _gemm_over_pixels(x, views[0] if kw == 1 else jnp.concatenate(views, axis=-1))  # (in, kw * out)
+    return product.reshape(cin, kw, cout).transpose(1, 0, 2)
+
+  return _map_rows(row, g, kh, lambda i: low_h + padding - i * dilation, h, kw)
+
+
+def use_matmul_kernel_grad(out_shape, kernel_shape, stride: int = 1, padding: int = 0, dilation: int = 1) -> bool:
   """Where :func:`conv_kernel_grad` is used instead of XLA:CPU's weight-gradient convolution (docs/performance.md).
 
-  In isolation it is 1.5-4.5x faster on the paper networks' large layers and slower on small maps and on
-  single-output-channel kernels (the generator's last conv). But XLA:CPU keeps the shifted input copies of many
-  layers alive at once: used for every 3x3/4x4/7x7 layer it raised the paper step's peak temporary memory from
-  4.8 to 10.8 GB (and got the benchmark killed for memory), even with an optimization barrier. So it is used only
-  for kernels of at most ``_MAX_TAPS`` taps (the generator's sub-pixel up layers, 2x2: 4.2 s -> 0.9 s for the
-  second one at 256 px) on inputs of at most ``_MAX_INPUT_BYTES``.
+  The matrix products copy the shifted operand ``kh * kw`` times and do ``2 * c`` flops per copied value, ``c``
+  the other operand's channels; on the paper networks' layers (``c`` >= 64) they are 1.4-7x faster than XLA's
+  weight gradient, on the quickstart networks' 8-32 channel layers the copies cost more than XLA's convolution
+  saves (measured in the step). So they are used for: kernels of 2-4 taps (the sub-pixel up layers, whose XLA
+  gradient is 2-4x slower), kernels whose non-shifted operand has at least ``_MIN_OTHER_CHANNELS`` channels, and
+  kernels with one output channel (XLA runs their gradient as a whole-map window, 1.5x slower in the step) -- each
+  on maps of at least 4096 output pixels. 1x1 kernels are already a GEMM.
   """
   n, out_h, out_w, cout = out_shape
-  kh, kw = kernel_shape[0], kernel_shape[1]
-  in_bytes = 4 * in_shape[0] * in_shape[1] * in_shape[2] * in_shape[3]
-  return 1 < kh * kw <= _MAX_TAPS and cout >= 8 and n * out_h * out_w >= 4096 and in_bytes <= _MAX_INPUT_BYTES
+  kh, kw, cin, _ = kernel_shape
+  taps = kh * kw
+  if taps == 1 or n * out_h * out_w < 4096:
+    return False
+  if taps <= 4:
+    return cout >= 8
+  shifted_g = _shift_output_gradient(kernel_shape, stride, padding, dilation)
+  other_channels = cin if shifted_g else cout
+  return other_channels >= _MIN_OTHER_CHANNELS or cout == 1
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -135,7 +200,7 @@ def _conv_zero_padded_bwd(stride, padding, dilation, residuals, g):
   else:
     _, vjp = jax.vjp(lambda x: _conv_forward(x, kernel, stride, padding, dilation), x)
     dx, = vjp(g)
-  if use_matmul_kernel_grad(x.shape, g.shape, kernel.shape):
+  if use_matmul_kernel_grad(g.shape, kernel.shape, stride, padding, dilation):
     dw = conv_kernel_grad(x, g, kernel.shape, stride=stride, padding=padding, dilation=dilation)
   else:
     _, vjp = jax.vjp(lambda k: _conv_forward(x, k, stride, padding, dilation), kernel)
