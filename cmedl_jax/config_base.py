@@ -5,6 +5,9 @@ Every field, with its default and meaning:
 method                     "cmedl" | "ct_only" | "pmri_only" | "ct_pmri_concat"
 translator                 "cyclegan" | "cut" (unused by ct_only)
 seed                       model init / train randomness; the data stream uses data.seed
+init_from.NAME             "" (fresh init) or a cmedl-convert-torch output folder whose weights start network NAME
+                           (gen_ct2mr, gen_mr2ct, disc_mr, disc_ct, teacher, student) of a new run; a resumed
+                           run takes its weights from its checkpoint instead
 data.ct_dir, data.mri_dir  dataset folders (nnU-Net/MSD layout, see cmedl_jax.data.dataset_index)
 data.make_phantoms         generate phantoms into data.phantoms.out when the folders are missing
 data.crop_size             square training crop in pixels (paper: 256)
@@ -52,12 +55,16 @@ from __future__ import annotations
 
 import ml_collections
 
+# Networks that init_from can start from PyTorch weights (cmedl-convert-torch has no CUT PatchNCE head).
+INIT_FROM_NETWORKS = ("gen_ct2mr", "gen_mr2ct", "disc_mr", "disc_ct", "teacher", "student")
+
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.method = "cmedl"
   c.translator = "cyclegan"
   c.seed = 0
+  c.init_from = ml_collections.ConfigDict({name: "" for name in INIT_FROM_NETWORKS})
 
   c.data = ml_collections.ConfigDict(dict(
       ct_dir="", mri_dir="", make_phantoms=False, seed=0, crop_size=256, global_batch_size=8,

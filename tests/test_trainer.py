@@ -5,9 +5,11 @@ import json
 import os
 import signal
 
+import jax
 import numpy as np
 import pytest
 
+from cmedl_jax.train import networks
 from cmedl_jax.train import step as step_lib
 from cmedl_jax.train import trainer
 from tests.tiny import phantom_config, tiny_config
@@ -112,3 +114,58 @@ def test_missing_data_folders_are_reported(tmp_path):
   cfg = tiny_config()
   with pytest.raises(ValueError, match="set config.data.ct_dir"):
     trainer.train(cfg, str(tmp_path), progress=False)
+
+
+def _converted_folder(tmp_path, name, cfg, seed):
+  """A cmedl-convert-torch folder holding network ``name`` of ``cfg`` with fresh weights of ``seed``."""
+  import jax
+
+  from cmedl_jax.torch_port import convert
+  module = getattr(networks.build_networks(cfg), name)
+  shape = (1, cfg.data.crop_size, cfg.data.crop_size, 1)
+  variables = jax.device_get(module.init(jax.random.key(seed), np.zeros(shape, np.float32),
+                                         **({"train": False} if name in ("teacher", "student") else {})))
+  arch = "unet" if name in ("teacher", "student") else "generator"
+  folder = tmp_path / name
+  convert.save(convert.convert_arch(arch, convert.variables_to_state_dict(variables)), str(folder))
+  return str(folder), variables
+
+
+def test_init_from_converted_weights_starts_those_networks(phantom_dirs, tmp_path):
+  from cmedl_jax.evaluate import inference
+  cfg = _config(phantom_dirs, total_steps=1, preview_every=0)
+  cfg.eval.data_dir = ""
+  cfg.optim.seg.lr = cfg.optim.gen.lr = 0.0  # the checkpoint after one step then holds the loaded weights
+  cfg.init_from.student, student = _converted_folder(tmp_path, "student", cfg, seed=11)
+  cfg.init_from.gen_ct2mr, generator = _converted_folder(tmp_path, "gen_ct2mr", cfg, seed=12)
+  trainer.train(cfg, str(tmp_path / "run"), progress=False)
+  restored = inference.load_predictor(str(tmp_path / "run")).variables["params"]
+  for name, variables in (("student", student), ("gen_ct2mr", generator)):
+    got = jax.tree.leaves(restored[name])
+    want = jax.tree.leaves(variables["params"])
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_init_from_errors_name_the_field_and_the_problem(phantom_dirs, tmp_path):
+  from cmedl_jax.torch_port import bridge
+  cfg = _config(phantom_dirs)
+  nets = networks.build_networks(cfg)
+  image_shape = (cfg.data.crop_size, cfg.data.crop_size, 1)
+  with pytest.raises(ValueError, match=r"nothing: init_from.student: not a cmedl-convert-torch output folder"):
+    bridge.load_converted_weights({"student": str(tmp_path / "nothing")}, nets, image_shape)
+  folder, _ = _converted_folder(tmp_path, "student", cfg, seed=0)
+  with pytest.raises(ValueError, match=r"student: init_from.gen_mr2ct: the converted unet\(.*does not fit this "
+                                       r"run's gen_mr2ct: missing"):
+    bridge.load_converted_weights({"gen_mr2ct": folder}, nets, image_shape)
+  ct_only = networks.build_networks(_ct_only(cfg))
+  with pytest.raises(ValueError, match=r"this run has no network 'gen_ct2mr' \(its networks: student\)"):
+    bridge.load_converted_weights({"gen_ct2mr": folder}, ct_only, image_shape)
+  assert bridge.load_converted_weights({"student": "", "teacher": ""}, nets, image_shape) == {}
+
+
+def _ct_only(cfg):
+  cfg = cfg.copy_and_resolve_references()
+  cfg.method = "ct_only"
+  return cfg

@@ -216,9 +216,17 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
     # Also resumes a checkpoint written with another number of processes (see RunCheckpointer.restore).
     state = ckpt.restore(latest, abstract_state, data_iter)
     log.info("resumed from %s at step %d", ckpt.directory, int(state.step))
+    if any(cfg.init_from.values()):
+      log.info("init_from is ignored when resuming: the weights come from the checkpoint")
   else:
     t0 = time.time()
     state = init_fn(jax.random.key(cfg.seed))
+    if any(cfg.init_from.values()):
+      from cmedl_jax.torch_port import bridge  # no torch import; only needed for converted weights
+      state = jax.device_put(bridge.with_converted_weights(state, cfg.init_from, nets, cfg, optimizers, image_shape),
+                             replicated)
+      log.info("started %s from converted weights (%s)", ", ".join(k for k, v in cfg.init_from.items() if v),
+               ", ".join(f"{k}: {v}" for k, v in cfg.init_from.items() if v))
     log.info("initialised in %.1f s", time.time() - t0)
   n_params = {name: int(sum(np.prod(x.shape) for x in jax.tree.leaves(p))) for name, p in
               abstract_state.params.items()}
