@@ -64,8 +64,8 @@ def _valid_conv_of_padded(x, kernel, stride, pad, mode, dilation):
 # Kernel-gradient paths (forced): XLA's; the matrix products per kernel row (shifted views concatenated) or per
 # tap, unrolled or in a lax.scan over kernel rows. With 5 -> 3 channels stride-1 convolutions shift the output
 # gradient, with 3 -> 5 the input.
-KERNEL_GRAD_PATHS = [("xla", 5, 3), ("rows", 5, 3), ("rows", 3, 5), ("scan-rows", 3, 5), ("scan-taps", 5, 3),
-                     ("scan-taps", 3, 5)]
+KERNEL_GRAD_PATHS = [("xla", 5, 3), ("rows", 5, 3), ("rows", 3, 5), ("scan-rows", 5, 3), ("scan-rows", 3, 5),
+                     ("scan-taps", 5, 3), ("scan-taps", 3, 5)]
 
 
 @pytest.mark.parametrize("path,cin,cout", KERNEL_GRAD_PATHS)

@@ -162,6 +162,11 @@ def test_init_from_errors_name_the_field_and_the_problem(phantom_dirs, tmp_path)
   ct_only = networks.build_networks(_ct_only(cfg))
   with pytest.raises(ValueError, match=r"this run has no network 'gen_ct2mr' \(its networks: student\)"):
     bridge.load_converted_weights({"gen_ct2mr": folder}, ct_only, image_shape)
+  (tmp_path / "damaged").mkdir()
+  for name in ("arch.json", "variables.msgpack"):
+    (tmp_path / "damaged" / name).write_text("{not json")
+  with pytest.raises(ValueError, match=r"damaged: init_from.student: cannot read the converted weights"):
+    bridge.load_converted_weights({"student": str(tmp_path / "damaged")}, nets, image_shape)
   assert bridge.load_converted_weights({"student": "", "teacher": ""}, nets, image_shape) == {}
 
 

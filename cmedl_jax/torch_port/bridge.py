@@ -31,6 +31,15 @@ def _target_variables(nets: Networks, name: str, image_shape):
                                   **({"train": False} if segmenter else {}))
 
 
+def check_converted_folder(field: str, folder: str) -> None:
+  """Raises DataError unless ``folder`` holds a ``cmedl-convert-torch`` output (``field``: the config field)."""
+  missing = [f for f in (convert.ARCH_FILE, convert.VARIABLES_FILE) if not os.path.isfile(os.path.join(folder, f))]
+  if missing:
+    raise DataError(folder, f"{field}: not a cmedl-convert-torch output folder (missing {', '.join(missing)}); "
+                            f"convert a PyTorch checkpoint first: cmedl-convert-torch --arch ARCH --in FILE.pth "
+                            f"--out {folder}")
+
+
 def load_converted_weights(init_from: Mapping[str, str], nets: Networks, image_shape):
   """Reads the ``cmedl-convert-torch`` folders named by ``config.init_from`` for the run's networks.
 
@@ -55,12 +64,12 @@ def load_converted_weights(init_from: Mapping[str, str], nets: Networks, image_s
     field = f"init_from.{name}"
     if name not in in_use:
       raise DataError(folder, f"{field}: this run has no network {name!r} (its networks: {', '.join(in_use)})")
-    missing = [f for f in (convert.ARCH_FILE, convert.VARIABLES_FILE)
-               if not os.path.isfile(os.path.join(folder, f))]
-    if missing:
-      raise DataError(folder, f"{field}: not a cmedl-convert-torch output folder (missing {', '.join(missing)}); convert "
-                       f"a PyTorch checkpoint first: cmedl-convert-torch --arch ARCH --in FILE.pth --out {folder}")
-    _, variables, meta = convert.load(folder)
+    check_converted_folder(field, folder)
+    try:
+      _, variables, meta = convert.load(folder)
+    except (ValueError, KeyError, TypeError, OSError) as e:  # damaged arch.json / variables.msgpack
+      raise DataError(folder, f"{field}: cannot read the converted weights ({type(e).__name__}: {e}); convert the "
+                              "PyTorch checkpoint again with cmedl-convert-torch") from e
     got = {"/".join(k): v.shape for k, v in traverse_util.flatten_dict(dict(variables)).items()}
     want = {"/".join(k): v.shape for k, v in
             traverse_util.flatten_dict(dict(_target_variables(nets, name, image_shape))).items()}
@@ -70,8 +79,8 @@ def load_converted_weights(init_from: Mapping[str, str], nets: Networks, image_s
                   + [f"{k}: converted {got[k]}, run {want[k]}" for k in sorted(set(got) & set(want))
                      if got[k] != want[k]])
       shown = "; ".join(problems[:6]) + (f"; ... ({len(problems) - 6} more)" if len(problems) > 6 else "")
-      raise DataError(folder, f"{field}: the converted {convert.describe(meta['arch'], meta['options'])} does not fit "
-                       f"this run's {name}: {shown}")
+      described = convert.describe(meta["arch"], meta["options"])
+      raise DataError(folder, f"{field}: the converted {described} does not fit this run's {name}: {shown}")
     loaded[name] = (variables["params"], variables.get("batch_stats"))
   return loaded
 

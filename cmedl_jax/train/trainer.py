@@ -171,11 +171,19 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
       ``cfg.train.total_steps``.
 
   Raises:
+    cmedl_jax.errors.DataError: an unusable dataset file or folder, or an ``init_from`` folder that is not a
+      converted network of this run (the message names the folder).
     NonFiniteLossError: a loss became NaN/Inf (nothing is saved for that step).
   """
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   backend = cfg.train.backend
+  if any(cfg.init_from.values()):
+    # A wrong weights folder fails now, not after the data and the model are set up.
+    from cmedl_jax.torch_port import bridge  # no torch import; only needed for converted weights
+    for name, folder in cfg.init_from.items():
+      if folder:
+        bridge.check_converted_folder(f"init_from.{name}", folder)
   # ======================================================================== data
   # [multi-process] Process 0 writes any phantoms before the others look, so no two processes write the same
   # files; a process on a filesystem of its own then writes its own (identical) copy. (Barriers are no-ops for a
@@ -222,7 +230,6 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
     t0 = time.time()
     state = init_fn(jax.random.key(cfg.seed))
     if any(cfg.init_from.values()):
-      from cmedl_jax.torch_port import bridge  # no torch import; only needed for converted weights
       state = jax.device_put(bridge.with_converted_weights(state, cfg.init_from, nets, cfg, optimizers, image_shape),
                              replicated)
       log.info("started %s from converted weights (%s)", ", ".join(k for k, v in cfg.init_from.items() if v),
