@@ -174,3 +174,26 @@ def _ct_only(cfg):
   cfg = cfg.copy_and_resolve_references()
   cfg.method = "ct_only"
   return cfg
+
+
+def test_with_converted_weights_replaces_params_and_batch_statistics_of_the_named_networks(phantom_dirs, tmp_path):
+  from cmedl_jax.torch_port import bridge, convert
+  from cmedl_jax.train import state as state_lib
+  cfg = _config(phantom_dirs)
+  nets = networks.build_networks(cfg)
+  optimizers = state_lib.make_optimizers(cfg, nets)
+  image_shape = (cfg.data.crop_size, cfg.data.crop_size, 1)
+  fresh = state_lib.create_train_state(nets, cfg, optimizers, jax.random.key(0), image_shape)
+  folder, variables = _converted_folder(tmp_path, "student", cfg, seed=5)
+  # Running statistics unlike any fresh init (mean 0, var 1), so that a copy is visible.
+  variables["batch_stats"] = jax.tree.map(lambda v: np.asarray(v) + 3.0, variables["batch_stats"])
+  convert.save(convert.convert_arch("unet", convert.variables_to_state_dict(variables)), folder)
+  state = bridge.with_converted_weights(fresh, {"student": folder}, nets, cfg, optimizers, image_shape)
+  for got, want in ((state.params["student"], variables["params"]),
+                    (state.batch_stats["student"], variables["batch_stats"]),
+                    (state.params["teacher"], fresh.params["teacher"]),
+                    (state.batch_stats["teacher"], fresh.batch_stats["teacher"])):
+    assert jax.tree.structure(got) == jax.tree.structure(jax.tree.map(np.asarray, want))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert int(state.step) == 0
