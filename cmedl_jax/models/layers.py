@@ -46,7 +46,6 @@ INSTANCE_NORM_EPS = 1e-5
 BATCH_NORM_EPS = 1e-5
 # PyTorch's BatchNorm2d momentum 0.1 (weight of the new batch) is flax's momentum 0.9 (weight of the old value).
 BATCH_NORM_MOMENTUM = 0.9
-_DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
 
 def reflect_pad(x, pad: int):

@@ -178,12 +178,12 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   backend = cfg.train.backend
-  if any(cfg.init_from.values()):
+  init_from = {name: folder for name, folder in cfg.init_from.items() if folder}
+  if init_from:
     # A wrong weights folder fails now, not after the data and the model are set up.
     from cmedl_jax.torch_port import bridge  # no torch import; only needed for converted weights
-    for name, folder in cfg.init_from.items():
-      if folder:
-        bridge.check_converted_folder(f"init_from.{name}", folder)
+    for name, folder in init_from.items():
+      bridge.check_converted_folder(f"init_from.{name}", folder)
   # ======================================================================== data
   # [multi-process] Process 0 writes any phantoms before the others look, so no two processes write the same
   # files; a process on a filesystem of its own then writes its own (identical) copy. (Barriers are no-ops for a
@@ -224,16 +224,15 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
     # Also resumes a checkpoint written with another number of processes (see RunCheckpointer.restore).
     state = ckpt.restore(latest, abstract_state, data_iter)
     log.info("resumed from %s at step %d", ckpt.directory, int(state.step))
-    if any(cfg.init_from.values()):
+    if init_from:
       log.info("init_from is ignored when resuming: the weights come from the checkpoint")
   else:
     t0 = time.time()
     state = init_fn(jax.random.key(cfg.seed))
-    if any(cfg.init_from.values()):
-      state = jax.device_put(bridge.with_converted_weights(state, cfg.init_from, nets, cfg, optimizers, image_shape),
+    if init_from:
+      state = jax.device_put(bridge.with_converted_weights(state, init_from, nets, cfg, optimizers, image_shape),
                              replicated)
-      log.info("started %s from converted weights (%s)", ", ".join(k for k, v in cfg.init_from.items() if v),
-               ", ".join(f"{k}: {v}" for k, v in cfg.init_from.items() if v))
+      log.info("started from converted weights: %s", ", ".join(f"{k} from {v}" for k, v in init_from.items()))
     log.info("initialised in %.1f s", time.time() - t0)
   n_params = {name: int(sum(np.prod(x.shape) for x in jax.tree.leaves(p))) for name, p in
               abstract_state.params.items()}
