@@ -5,6 +5,9 @@ Every field, with its default and meaning:
 method                     "cmedl" | "ct_only" | "pmri_only" | "ct_pmri_concat"
 translator                 "cyclegan" | "cut" (unused by ct_only)
 seed                       model init / train randomness; the data stream uses data.seed
+conv_backend               CPU convolution library: "auto" (oneDNN through XLA's FFI when it can be built on this
+                           machine, else XLA's own, with a warning), "onednn" (fail if it cannot be built), "xla";
+                           GPU/TPU always use XLA's (cmedl_jax.models.onednn, docs/performance.md)
 init_from.NAME             "" (fresh init) or a cmedl-convert-torch output folder whose weights start network NAME
                            (gen_ct2mr, gen_mr2ct, disc_mr, disc_ct, teacher, student) of a new run; a resumed
                            run takes its weights from its checkpoint instead
@@ -64,6 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.method = "cmedl"
   c.translator = "cyclegan"
   c.seed = 0
+  c.conv_backend = "auto"
   c.init_from = ml_collections.ConfigDict({name: "" for name in INIT_FROM_NETWORKS})
 
   c.data = ml_collections.ConfigDict(dict(

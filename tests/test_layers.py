@@ -1,4 +1,9 @@
-"""Layer-level checks: fast conv forms, sub-pixel transposed convs, norms, resampling and initialisers."""
+"""Layer-level checks: fast conv forms, sub-pixel transposed convs, norms, resampling and initialisers.
+
+These test the XLA forms of the convolutions (bit-identical rewrites, forced kernel-gradient paths), so the module
+runs with ``conv_backend="xla"``; the oneDNN convolutions are checked in tests/test_onednn.py and, through the
+networks, against PyTorch in tests/test_torch_port.py.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +12,13 @@ import pytest
 from jax import lax
 
 from cmedl_jax.models import fast_conv, initializers, layers, resample, subpixel
+
+
+@pytest.fixture(autouse=True, scope="module")
+def xla_convolutions():
+  fast_conv.set_backend("xla")
+  yield
+  fast_conv.set_backend("auto")
 
 DN = ("NHWC", "HWIO", "NHWC")
 

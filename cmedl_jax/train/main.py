@@ -43,7 +43,7 @@ def run(argv):
   from cmedl_jax.train import trainer  # after flag parsing: keeps --help fast
   try:
     result = trainer.train(_CONFIG.value, _WORKDIR.value, progress=not _NO_PROGRESS.value)
-  except (DataError, trainer.NonFiniteLossError) as e:
+  except (DataError, trainer.NonFiniteLossError, trainer.onednn.OnednnUnavailable) as e:
     print(f"ERROR {e}", file=sys.stderr)
     return 1
   if result.eval_summary is not None:

@@ -25,6 +25,7 @@ import numpy as np
 
 from cmedl_jax import distributed
 from cmedl_jax.data import pipeline
+from cmedl_jax.models import fast_conv, onednn
 from cmedl_jax.train import checkpointing, networks, state as state_lib, step as step_lib
 from cmedl_jax.utils import png
 
@@ -174,8 +175,11 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
     cmedl_jax.errors.DataError: an unusable dataset file or folder, or an ``init_from`` folder that is not a
       converted network of this run (the message names the folder).
     NonFiniteLossError: a loss became NaN/Inf (nothing is saved for that step).
+    cmedl_jax.models.onednn.OnednnUnavailable: ``conv_backend="onednn"`` where oneDNN cannot be built.
   """
   os.makedirs(workdir, exist_ok=True)
+  # Before anything is traced: the convolution library is chosen at trace time.
+  fast_conv.set_backend(cfg.get("conv_backend", "auto"))
   is_main = jax.process_index() == 0
   backend = cfg.train.backend
   init_from = {name: folder for name, folder in cfg.init_from.items() if folder}
@@ -200,6 +204,7 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
   dataset = pipeline.make_train_dataset(ct, mri, global_batch_size=d.global_batch_size, crop_size=d.crop_size,
                                         seed=d.seed, foreground_fraction=d.foreground_fraction)
   data_iter = pipeline.make_train_iterator(dataset, num_workers=d.num_workers)
+  log.info("convolutions on %s: %s", jax.default_backend(), fast_conv.resolved_backend())
   log.info("data: %d CT volumes (%d slices), %d MRI volumes (%d slices)", len(ct.images),
                len(ct.slice_table), len(mri.images), len(mri.slice_table))
 

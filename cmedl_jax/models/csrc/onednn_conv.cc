@@ -1,0 +1,211 @@
+// oneDNN 2-D convolutions (forward, input gradient, kernel gradient) as XLA FFI handlers for XLA:CPU.
+//
+// Built on first use by cmedl_jax/models/onednn.py (g++ against the onednn-devel-cpu-gomp headers and jaxlib's
+// FFI headers). Layouts are the ones cmedl_jax uses everywhere: activations NHWC, kernels HWIO (kh, kw, in, out),
+// float32. oneDNN picks its own (blocked) kernel layout; the HWIO kernel is reordered into it on every call (it
+// changes every step) and the kernel gradient is reordered back.
+//
+// Primitives are created once per geometry and thread count, and cached (creation costs far more than a small
+// convolution). The scratchpad is user-managed and thread-local, so XLA may run several of these calls
+// concurrently. Each call runs on `threads` OpenMP threads (the caller passes the cores per CPU device: with
+// several CPU devices in one process, each device's calls get their share instead of all cores each).
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include <omp.h>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using dnnl::memory;
+using tag = dnnl::memory::format_tag;
+using dt = dnnl::memory::data_type;
+
+enum Kind : char { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+// All int64, no padding bytes: the raw bytes are the cache key.
+struct Geometry {
+  int64_t n, h, w, cin, out_h, out_w, cout, kh, kw, stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right,
+      dilation_h, dilation_w, threads;
+
+  std::string Key(Kind kind) const {
+    std::string key(reinterpret_cast<const char*>(this), sizeof(*this));
+    key.push_back(kind);
+    return key;
+  }
+  memory::desc Src() const { return memory::desc({n, cin, h, w}, dt::f32, tag::nhwc); }
+  memory::desc Dst() const { return memory::desc({n, cout, out_h, out_w}, dt::f32, tag::nhwc); }
+  memory::desc AnyWeights() const { return memory::desc({cout, cin, kh, kw}, dt::f32, tag::any); }
+  memory::desc HwioWeights() const { return memory::desc({cout, cin, kh, kw}, dt::f32, tag::hwio); }
+  memory::dims Strides() const { return {stride_h, stride_w}; }
+  memory::dims Dilations() const { return {dilation_h - 1, dilation_w - 1}; }  // oneDNN counts from 0
+  memory::dims PadLow() const { return {pad_top, pad_left}; }
+  memory::dims PadHigh() const { return {pad_bottom, pad_right}; }
+};
+
+struct CachedPrimitive {
+  dnnl::primitive primitive;
+  memory::desc weights;  // the primitive's kernel layout
+  memory::desc scratchpad;
+  bool needs_reorder = false;
+  dnnl::reorder weights_reorder;  // HWIO -> weights (forward, data gradient) or weights -> HWIO (kernel gradient)
+};
+
+std::mutex cache_mutex;
+std::unordered_map<std::string, std::shared_ptr<CachedPrimitive>> cache;
+
+dnnl::primitive_attr UserScratchpad() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
+
+std::shared_ptr<CachedPrimitive> Lookup(const Geometry& g, Kind kind) {
+  const std::string key = g.Key(kind);
+  {
+    std::lock_guard<std::mutex> lock(cache_mutex);
+    auto it = cache.find(key);
+    if (it != cache.end()) return it->second;
+  }
+  auto entry = std::make_shared<CachedPrimitive>();
+  dnnl::convolution_forward::primitive_desc forward(
+      Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, g.Src(), g.AnyWeights(),
+      g.Dst(), g.Strides(), g.Dilations(), g.PadLow(), g.PadHigh(), UserScratchpad());
+  if (kind == kForward) {
+    entry->primitive = dnnl::convolution_forward(forward);
+    entry->weights = forward.weights_desc();
+    entry->scratchpad = forward.scratchpad_desc();
+  } else if (kind == kBackwardData) {
+    dnnl::convolution_backward_data::primitive_desc pd(
+        Engine(), dnnl::algorithm::convolution_direct, g.Src(), g.AnyWeights(), g.Dst(), g.Strides(),
+        g.Dilations(), g.PadLow(), g.PadHigh(), forward, UserScratchpad());
+    entry->primitive = dnnl::convolution_backward_data(pd);
+    entry->weights = pd.weights_desc();
+    entry->scratchpad = pd.scratchpad_desc();
+  } else {
+    dnnl::convolution_backward_weights::primitive_desc pd(
+        Engine(), dnnl::algorithm::convolution_direct, g.Src(), g.AnyWeights(), g.Dst(), g.Strides(),
+        g.Dilations(), g.PadLow(), g.PadHigh(), forward, UserScratchpad());
+    entry->primitive = dnnl::convolution_backward_weights(pd);
+    entry->weights = pd.diff_weights_desc();
+    entry->scratchpad = pd.scratchpad_desc();
+  }
+  entry->needs_reorder = !(entry->weights == g.HwioWeights());
+  if (entry->needs_reorder) {
+    const memory::desc from = kind == kBackwardWeights ? entry->weights : g.HwioWeights();
+    const memory::desc to = kind == kBackwardWeights ? g.HwioWeights() : entry->weights;
+    entry->weights_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), from, Engine(), to));
+  }
+  std::lock_guard<std::mutex> lock(cache_mutex);
+  return cache.emplace(key, entry).first->second;
+}
+
+// A growable 64-byte aligned thread-local buffer (scratchpad, reordered kernel).
+class AlignedBuffer {
+ public:
+  void* Get(size_t bytes) {
+    if (storage_.size() < bytes + 64) storage_.resize(bytes + 64);
+    auto address = reinterpret_cast<uintptr_t>(storage_.data());
+    return reinterpret_cast<void*>((address + 63) & ~uintptr_t{63});
+  }
+
+ private:
+  std::vector<char> storage_;
+};
+
+// kForward: src -> dst. kBackwardData: dst (output gradient) -> src (input gradient). kBackwardWeights: src, dst
+// -> weights (kernel gradient).
+ffi::Error Run(Kind kind, const Geometry& g, float* src, float* weights, float* dst) {
+  // oneDNN sizes its work split by the calling thread's OpenMP thread count, at creation and at execution.
+  omp_set_num_threads(static_cast<int>(g.threads));
+  try {
+    auto entry = Lookup(g, kind);
+    thread_local dnnl::stream stream(Engine());
+    thread_local AlignedBuffer scratch_buffer, weights_buffer;
+    memory src_mem(g.Src(), Engine(), src), dst_mem(g.Dst(), Engine(), dst);
+    memory hwio(g.HwioWeights(), Engine(), weights);
+    memory kernel = hwio;
+    if (entry->needs_reorder) {
+      kernel = memory(entry->weights, Engine(), weights_buffer.Get(entry->weights.get_size()));
+    }
+    memory scratchpad(entry->scratchpad, Engine(), scratch_buffer.Get(entry->scratchpad.get_size()));
+    if (kind == kForward) {
+      if (entry->needs_reorder) entry->weights_reorder.execute(stream, hwio, kernel);
+      entry->primitive.execute(stream, {{DNNL_ARG_SRC, src_mem}, {DNNL_ARG_WEIGHTS, kernel},
+                                        {DNNL_ARG_DST, dst_mem}, {DNNL_ARG_SCRATCHPAD, scratchpad}});
+    } else if (kind == kBackwardData) {
+      if (entry->needs_reorder) entry->weights_reorder.execute(stream, hwio, kernel);
+      entry->primitive.execute(stream, {{DNNL_ARG_DIFF_SRC, src_mem}, {DNNL_ARG_WEIGHTS, kernel},
+                                        {DNNL_ARG_DIFF_DST, dst_mem}, {DNNL_ARG_SCRATCHPAD, scratchpad}});
+    } else {
+      entry->primitive.execute(stream, {{DNNL_ARG_SRC, src_mem}, {DNNL_ARG_DIFF_WEIGHTS, kernel},
+                                        {DNNL_ARG_DIFF_DST, dst_mem}, {DNNL_ARG_SCRATCHPAD, scratchpad}});
+      if (entry->needs_reorder) entry->weights_reorder.execute(stream, kernel, hwio);
+    }
+    stream.wait();
+  } catch (const dnnl::error& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN convolution failed: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+Geometry MakeGeometry(ffi::Span<const int64_t> nhwc_in, ffi::Span<const int64_t> hwio,
+                      ffi::Span<const int64_t> nhwc_out, int64_t stride_h, int64_t stride_w, int64_t pad_top,
+                      int64_t pad_bottom, int64_t pad_left, int64_t pad_right, int64_t dilation_h,
+                      int64_t dilation_w, int64_t threads) {
+  return Geometry{nhwc_in[0], nhwc_in[1], nhwc_in[2], nhwc_in[3], nhwc_out[1], nhwc_out[2], nhwc_out[3],
+                  hwio[0],    hwio[1],    stride_h,   stride_w,   pad_top,     pad_bottom,  pad_left,
+                  pad_right,  dilation_h, dilation_w, threads};
+}
+
+}  // namespace
+
+#define CMEDL_CONV_ATTRS int64_t stride_h, int64_t stride_w, int64_t pad_top, int64_t pad_bottom, \
+    int64_t pad_left, int64_t pad_right, int64_t dilation_h, int64_t dilation_w, int64_t threads
+#define CMEDL_CONV_ATTR_VALUES stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right, dilation_h, \
+    dilation_w, threads
+
+static ffi::Error ConvForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F32> y,
+                              CMEDL_CONV_ATTRS) {
+  Geometry g = MakeGeometry(x.dimensions(), kernel.dimensions(), y->dimensions(), CMEDL_CONV_ATTR_VALUES);
+  return Run(kForward, g, x.typed_data(), kernel.typed_data(), y->typed_data());
+}
+
+static ffi::Error ConvBackwardData(ffi::Buffer<ffi::F32> g_out, ffi::Buffer<ffi::F32> kernel,
+                                   ffi::ResultBuffer<ffi::F32> dx, CMEDL_CONV_ATTRS) {
+  Geometry g = MakeGeometry(dx->dimensions(), kernel.dimensions(), g_out.dimensions(), CMEDL_CONV_ATTR_VALUES);
+  return Run(kBackwardData, g, dx->typed_data(), kernel.typed_data(), g_out.typed_data());
+}
+
+static ffi::Error ConvBackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g_out,
+                                      ffi::ResultBuffer<ffi::F32> dkernel, CMEDL_CONV_ATTRS) {
+  Geometry g = MakeGeometry(x.dimensions(), dkernel->dimensions(), g_out.dimensions(), CMEDL_CONV_ATTR_VALUES);
+  return Run(kBackwardWeights, g, x.typed_data(), dkernel->typed_data(), g_out.typed_data());
+}
+
+#define CMEDL_CONV_BINDING                                                                                \
+  ffi::Ffi::Bind()                                                                                        \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                                       \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                                       \
+      .Ret<ffi::Buffer<ffi::F32>>()                                                                       \
+      .Attr<int64_t>("stride_h").Attr<int64_t>("stride_w").Attr<int64_t>("pad_top")                       \
+      .Attr<int64_t>("pad_bottom").Attr<int64_t>("pad_left").Attr<int64_t>("pad_right")                   \
+      .Attr<int64_t>("dilation_h").Attr<int64_t>("dilation_w").Attr<int64_t>("threads")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CmedlOnednnConvForward, ConvForward, CMEDL_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CmedlOnednnConvBackwardData, ConvBackwardData, CMEDL_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CmedlOnednnConvBackwardWeights, ConvBackwardWeights, CMEDL_CONV_BINDING);

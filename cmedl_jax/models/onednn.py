@@ -1,0 +1,202 @@
+"""oneDNN convolutions inside jitted JAX code on CPU, through XLA's FFI (docs/performance.md).
+
+XLA:CPU's own convolutions are 1.5-10x slower than oneDNN's (what PyTorch uses) on this project's layers, which
+made the JAX step slower than PyTorch eager on CPU. This module compiles ``csrc/onednn_conv.cc`` once per machine
+(``g++``, ~10 s) against the oneDNN wheels (``onednn-cpu-gomp`` and ``onednn-devel-cpu-gomp``, dependencies of
+cmedl_jax on x86-64 Linux) and jaxlib's FFI headers, caches the library under ``$CMEDL_ONEDNN_CACHE`` (default
+``~/.cache/cmedl_jax/onednn``), registers its three handlers with XLA and exposes them as
+:func:`conv_forward`, :func:`conv_backward_data` and :func:`conv_backward_weights` (NHWC, HWIO, float32).
+
+Whether the convolutions use it is :func:`cmedl_jax.models.fast_conv.set_backend` (``config.conv_backend``):
+``"auto"`` (default) uses oneDNN on CPU when it can be built and XLA's convolutions otherwise, with one warning
+saying why; ``"onednn"`` raises :class:`OnednnUnavailable` instead; ``"xla"`` never uses it.
+
+oneDNN runs each call on OpenMP threads: the process's cores (``OMP_NUM_THREADS`` if set) divided by the number
+of CPU devices (:func:`threads_per_call`), so that the devices of a multi-device CPU run do not oversubscribe the
+cores (measured: the test suite, with 8 virtual devices, 6.5 -> 12 min with all cores per call).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import site
+import subprocess
+import sys
+import tempfile
+import threading
+
+import jax
+import numpy as np
+
+SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "onednn_conv.cc")
+DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "cmedl_jax", "onednn")
+_TARGETS = {"forward": "CmedlOnednnConvForward", "backward_data": "CmedlOnednnConvBackwardData",
+            "backward_weights": "CmedlOnednnConvBackwardWeights"}
+_lock = threading.Lock()
+_state: dict = {}
+
+
+class OnednnUnavailable(RuntimeError):
+  """The oneDNN convolutions cannot be used here (the message says why and what to install)."""
+
+
+def _prefixes():
+  """Where pip puts the oneDNN wheels' lib/ and include/ (environment prefix, user base, $CMEDL_ONEDNN_ROOT)."""
+  found = [os.environ.get("CMEDL_ONEDNN_ROOT"), sys.prefix, sys.base_prefix, site.getuserbase()]
+  return [p for i, p in enumerate(found) if p and p not in found[:i]]
+
+
+def find_onednn():
+  """(include dir, lib dir) of an installed oneDNN 3.x, or raises OnednnUnavailable."""
+  for prefix in _prefixes():
+    include, lib = os.path.join(prefix, "include"), os.path.join(prefix, "lib")
+    if (os.path.exists(os.path.join(include, "oneapi", "dnnl", "dnnl.hpp"))
+        and os.path.exists(os.path.join(lib, "libdnnl.so.3"))):
+      return include, lib
+  raise OnednnUnavailable(
+      "oneDNN headers and libdnnl.so.3 not found under " + ", ".join(_prefixes())
+      + "; install them with: pip install onednn-cpu-gomp==2023.2.0 onednn-devel-cpu-gomp==2023.2.0 "
+      "(x86-64 Linux), or set CMEDL_ONEDNN_ROOT to a folder with include/ and lib/")
+
+
+def _compiler():
+  for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+    if name and shutil.which(name):
+      return shutil.which(name)
+  raise OnednnUnavailable("no C++ compiler found (g++, c++ or clang++; or set CXX) to build "
+                          f"{SOURCE}; install one, e.g. apt-get install g++")
+
+
+def library_path(cache_dir=None):
+  """The cached library for this source, jaxlib and oneDNN; built by :func:`build` when missing."""
+  include, lib = find_onednn()
+  key = hashlib.sha256()
+  with open(SOURCE, "rb") as f:
+    key.update(f.read())
+  import jaxlib
+  key.update(f"{jaxlib.__version__}|{include}|{lib}|{os.path.getmtime(os.path.join(lib, 'libdnnl.so.3'))}".encode())
+  cache_dir = cache_dir or os.environ.get("CMEDL_ONEDNN_CACHE", DEFAULT_CACHE)
+  return os.path.join(cache_dir, f"libcmedl_onednn_conv-{key.hexdigest()[:16]}.so")
+
+
+def build(out_path):
+  """Compiles the handlers into ``out_path`` (atomically: concurrent processes may build at once)."""
+  include, lib = find_onednn()
+  os.makedirs(os.path.dirname(out_path), exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(out_path))
+  os.close(fd)
+  cmd = [_compiler(), "-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w", SOURCE, "-o", tmp, f"-I{include}",
+         f"-I{jax.ffi.include_dir()}", f"-L{lib}", "-ldnnl", f"-Wl,-rpath,{lib}"]
+  try:
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+      raise OnednnUnavailable(f"building {SOURCE} failed (exit {result.returncode}):\n{' '.join(cmd)}\n"
+                              f"{result.stderr[-3000:]}")
+    os.replace(tmp, out_path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return out_path
+
+
+def load():
+  """Builds (first time on this machine) and registers the handlers; returns the library path.
+
+  Raises:
+    OnednnUnavailable: no oneDNN, no compiler, a failed build or a library that does not load.
+  """
+  with _lock:
+    if "path" in _state:
+      return _state["path"]
+    if "error" in _state:
+      raise OnednnUnavailable(_state["error"])
+    try:
+      path = library_path()
+      if not os.path.exists(path):
+        print(f"cmedl_jax: building the oneDNN convolutions (once per machine) into {path}", file=sys.stderr,
+              flush=True)
+        build(path)
+      try:
+        library = ctypes.cdll.LoadLibrary(path)
+      except OSError as e:
+        raise OnednnUnavailable(f"loading {path} failed: {e}") from e
+      for target in _TARGETS.values():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, target)), platform="cpu")
+    except OnednnUnavailable as e:
+      _state["error"] = str(e)
+      raise
+    _state["library"], _state["path"] = library, path
+    return path
+
+
+def available() -> bool:
+  """True when :func:`load` succeeds (builds the library on first use)."""
+  try:
+    load()
+    return True
+  except OnednnUnavailable:
+    return False
+
+
+def unavailable_reason() -> str:
+  return _state.get("error", "")
+
+
+def threads_per_call() -> int:
+  """OpenMP threads per convolution: this process's cores ($OMP_NUM_THREADS if set) per CPU device."""
+  try:
+    cores = int(os.environ.get("OMP_NUM_THREADS", "0")) or len(os.sched_getaffinity(0))
+  except (ValueError, AttributeError):
+    cores = os.cpu_count() or 1
+  return max(1, cores // max(1, jax.local_device_count("cpu")))
+
+
+def _attributes(stride, padding, dilation):
+  (pt, pb), (pl, pr) = padding
+  return dict(threads=np.int64(threads_per_call()), stride_h=np.int64(stride[0]), stride_w=np.int64(stride[1]),
+              pad_top=np.int64(pt), pad_bottom=np.int64(pb), pad_left=np.int64(pl), pad_right=np.int64(pr),
+              dilation_h=np.int64(dilation[0]), dilation_w=np.int64(dilation[1]))
+
+
+def _call(kind, out):
+  # Under vmap (e.g. the BatchNorm tests' vmapped axis) a loop over the mapped axis: correct, not fast.
+  return jax.ffi.ffi_call(_TARGETS[kind], out, vmap_method="sequential")
+
+
+def output_shape(x_shape, kernel_shape, stride, padding, dilation):
+  """(N, H', W', out) of a convolution of an (N, H, W, in) input with a (kh, kw, in, out) kernel."""
+  n, h, w, _ = x_shape
+  kh, kw, _, cout = kernel_shape
+  sizes = []
+  for size, k, s, (lo, hi), d in ((h, kh, stride[0], padding[0], dilation[0]),
+                                  (w, kw, stride[1], padding[1], dilation[1])):
+    sizes.append((size + lo + hi - d * (k - 1) - 1) // s + 1)
+  return (n, sizes[0], sizes[1], cout)
+
+
+def conv_forward(x, kernel, *, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1)):
+  """Zero-padded convolution, (N, H, W, in) x (kh, kw, in, out) -> (N, H', W', out); float32, CPU only.
+
+  ``padding`` is ((top, bottom), (left, right)); results equal ``lax.conv_general_dilated`` with NHWC/HWIO
+  dimension numbers up to float summation order.
+  """
+  load()
+  out = jax.ShapeDtypeStruct(output_shape(x.shape, kernel.shape, stride, padding, dilation), x.dtype)
+  return _call("forward", out)(x, kernel, **_attributes(stride, padding, dilation))
+
+
+def conv_backward_data(g, kernel, x_shape, *, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1)):
+  """Gradient of :func:`conv_forward` with respect to its (``x_shape``) input, given the output gradient ``g``."""
+  load()
+  out = jax.ShapeDtypeStruct(tuple(x_shape), g.dtype)
+  return _call("backward_data", out)(g, kernel, **_attributes(stride, padding, dilation))
+
+
+def conv_backward_weights(x, g, kernel_shape, *, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1)):
+  """Gradient of :func:`conv_forward` with respect to its (kh, kw, in, out) kernel."""
+  load()
+  out = jax.ShapeDtypeStruct(tuple(kernel_shape), x.dtype)
+  return _call("backward_weights", out)(x, g, **_attributes(stride, padding, dilation))

@@ -1,0 +1,141 @@
+"""oneDNN convolutions through XLA's FFI (cmedl_jax.models.onednn) against XLA's convolutions and PyTorch."""
+
+import os
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from cmedl_jax.models import fast_conv, layers, onednn
+
+needs_onednn = pytest.mark.skipif(not onednn.available(), reason=f"oneDNN unavailable: {onednn.unavailable_reason()}")
+DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+
+
+@pytest.fixture
+def backend():
+  """Restores the default convolution backend after a test that switches it."""
+  yield fast_conv.set_backend
+  fast_conv.set_backend("auto")
+
+
+def reference(x, kernel, stride, padding, dilation):
+  return lax.conv_general_dilated(x, kernel, stride, padding, rhs_dilation=dilation,
+                                  dimension_numbers=DIMENSION_NUMBERS, precision=lax.Precision.HIGHEST)
+
+
+def random(shape, seed):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+def assert_close(actual, expected, tolerance=3e-5):
+  """Equal up to float32 summation order: max |difference| within ``tolerance`` of the largest |value|."""
+  actual, expected = np.asarray(actual), np.asarray(expected)
+  assert actual.shape == expected.shape
+  error = float(np.max(np.abs(actual - expected)))
+  assert error <= tolerance * float(np.max(np.abs(expected))), f"max error {error}"
+
+
+# (x shape, kernel shape, stride, ((top, bottom), (left, right)), dilation): every layer form the networks use
+# (7x7 reflect-padded, 3x3 stride 1/2, 4x4 stride 2, the sub-pixel 2x2, 1x1) plus uneven shapes and paddings.
+CASES = [
+    ((2, 14, 14, 1), (7, 7, 1, 8), (1, 1), ((0, 0), (0, 0)), (1, 1)),
+    ((2, 14, 14, 8), (7, 7, 8, 1), (1, 1), ((0, 0), (0, 0)), (1, 1)),
+    ((2, 16, 12, 8), (3, 3, 8, 16), (2, 2), ((1, 1), (1, 1)), (1, 1)),
+    ((3, 16, 16, 5), (4, 4, 5, 7), (2, 2), ((1, 1), (1, 1)), (1, 1)),
+    ((2, 9, 11, 16), (2, 2, 16, 32), (1, 1), ((0, 0), (0, 0)), (1, 1)),
+    ((2, 8, 8, 32), (1, 1, 32, 2), (1, 1), ((0, 0), (0, 0)), (1, 1)),
+    ((1, 13, 10, 6), (3, 3, 6, 4), (1, 1), ((2, 2), (2, 2)), (2, 2)),
+    ((2, 11, 13, 3), (3, 2, 3, 5), (3, 2), ((0, 2), (1, 0)), (1, 2)),
+    ((1, 10, 10, 64), (3, 3, 64, 64), (1, 1), ((1, 1), (1, 1)), (1, 1)),
+]
+
+
+@needs_onednn
+@pytest.mark.parametrize("x_shape, kernel_shape, stride, padding, dilation", CASES)
+def test_forward_and_gradients_equal_xla(x_shape, kernel_shape, stride, padding, dilation):
+  x, kernel = random(x_shape, 0), random(kernel_shape, 1)
+  geometry = dict(stride=stride, padding=padding, dilation=dilation)
+  expected, vjp = jax.vjp(lambda x, k: reference(x, k, stride, padding, dilation), x, kernel)
+  assert onednn.output_shape(x_shape, kernel_shape, stride, padding, dilation) == expected.shape
+  g = random(expected.shape, 2)
+  dx_expected, dk_expected = vjp(g)
+  forward = jax.jit(lambda x, k: onednn.conv_forward(x, k, **geometry))
+  backward_data = jax.jit(lambda g, k: onednn.conv_backward_data(g, k, x_shape, **geometry))
+  backward_weights = jax.jit(lambda x, g: onednn.conv_backward_weights(x, g, kernel_shape, **geometry))
+  assert_close(forward(x, kernel), expected)
+  assert_close(backward_data(g, kernel), dx_expected)
+  assert_close(backward_weights(x, g), dk_expected)
+
+
+@needs_onednn
+def test_conv2d_gradients_under_both_backends_agree(backend):
+  # Reflect padding, stride 2, a one-output-channel 7x7 (whose kernel gradient stays a matrix product) and a 3x3.
+  x, k7, k3 = random((2, 70, 66, 4), 3), random((7, 7, 4, 1), 4), random((3, 3, 1, 6), 5)
+
+  def loss(x, k7, k3):
+    y = layers.conv2d(x, k7, padding=3, padding_mode="reflect")
+    y = layers.conv2d(jnp.tanh(y), k3, stride=2, padding=1)
+    return jnp.sum(jnp.sin(y))
+
+  results, programs = {}, {}
+  for name in ("xla", "onednn"):
+    backend(name)
+    assert fast_conv.resolved_backend("cpu") == name
+    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+    programs[name] = fn.lower(x, k7, k3).as_text()
+    results[name] = fn(x, k7, k3)
+  assert "CmedlOnednnConv" not in programs["xla"]
+  for target in ("CmedlOnednnConvForward", "CmedlOnednnConvBackwardData", "CmedlOnednnConvBackwardWeights"):
+    assert target in programs["onednn"]
+  for a, b in zip(jax.tree.leaves(results["onednn"]), jax.tree.leaves(results["xla"])):
+    assert_close(a, b, tolerance=1e-4)
+
+
+@needs_onednn
+def test_float64_and_other_platforms_use_xla(backend):
+  backend("onednn")
+  assert fast_conv.resolved_backend("gpu") == "xla"
+  assert fast_conv.resolved_backend("cpu") == "onednn"
+  with jax.enable_x64():
+    x, k = jnp.ones((1, 6, 6, 2), jnp.float64), jnp.ones((3, 3, 2, 2), jnp.float64)
+    program = jax.jit(lambda x, k: fast_conv.conv_zero_padded(x, k, 1, 1, 1)).lower(x, k).as_text()
+  assert "CmedlOnednnConv" not in program
+
+
+def test_set_backend_rejects_unknown_names():
+  with pytest.raises(ValueError, match="conv_backend must be one of"):
+    fast_conv.set_backend("mkl")
+
+
+def test_missing_onednn_says_what_to_install(monkeypatch, tmp_path):
+  monkeypatch.setattr(onednn, "_prefixes", lambda: [str(tmp_path)])
+  with pytest.raises(onednn.OnednnUnavailable, match="pip install onednn-cpu-gomp"):
+    onednn.find_onednn()
+
+
+@needs_onednn
+def test_failed_build_reports_the_compiler_output(monkeypatch, tmp_path):
+  script = tmp_path / "broken-cxx"
+  script.write_text("#!/bin/sh\necho 'cc1plus: fatal error: out of cheese' >&2\nexit 3\n")
+  script.chmod(0o755)
+  monkeypatch.setenv("CXX", str(script))
+  out = tmp_path / "lib.so"
+  with pytest.raises(onednn.OnednnUnavailable, match=r"(?s)failed \(exit 3\).*out of cheese"):
+    onednn.build(str(out))
+  assert not out.exists() and os.listdir(tmp_path) == ["broken-cxx"]  # no half-written library left behind
+
+
+def test_auto_falls_back_to_xla_with_one_warning(monkeypatch, backend):
+  backend("auto")
+  monkeypatch.setattr(onednn, "available", lambda: False)
+  monkeypatch.setattr(onednn, "unavailable_reason", lambda: "no C++ compiler found")
+  monkeypatch.setattr(fast_conv, "_warned", [])
+  with pytest.warns(UserWarning, match=r"no C\+\+ compiler found"):
+    assert fast_conv.resolved_backend("cpu") == "xla"
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert fast_conv.resolved_backend("cpu") == "xla"
