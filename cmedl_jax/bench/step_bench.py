@@ -2,6 +2,7 @@
 
     python -m cmedl_jax.bench step [--config quickstart|paper|FILE.py[:ARG]] [--size 128] [--batch 4]
         [--steps 5] [--warmup 2] [--compile] [--skip-jax] [--skip-torch] [--json OUT.json]
+        [--conv-backend auto|onednn|xla]
 
 Both frameworks run CMEDL with the CycleGAN translator (two generators, two PatchGANs, image pools of
 ``pool_size``, teacher and student segmenters, CE + soft Dice, hint, LSGAN, cycle, identity; Adam per group) on
@@ -18,21 +19,27 @@ Timed:
 * with ``--compile``: the same with the loss computation under ``torch.compile`` (the image pools run eagerly);
   its first step includes the compilation.
 
-Each runs ``--warmup`` steps, then ``--steps`` rounds of one step of each framework in turn (interleaved, so a
-shared machine's background load hits all alike). Prints the median step time and images/s of each, the ratio
-JAX / PyTorch of images/s (> 1: JAX is faster), the machine's load average, and both frameworks' step-1 losses
-(equal up to float rounding while the pools are filling, i.e. batch <= pool_size).
+Each framework runs in a process of its own (spawned; in one process, the threads one framework leaves behind
+slowed the other's steps: PyTorch eager 0.47 -> 0.72 s per quickstart step next to XLA, -> 1.1 s next to oneDNN's
+OpenMP threads, measured). Each runs ``--warmup`` steps, then ``--steps`` rounds of one step of each framework in
+turn (interleaved, so a shared machine's background load hits all alike; the idle one waits on a pipe). Step times
+are measured inside the worker process. Prints the median step time and images/s of each, the ratio JAX / PyTorch
+of images/s (> 1: JAX is faster), the machine's load average, and both frameworks' step-1 losses (equal up to float
+rounding while the pools are filling, i.e. batch <= pool_size). ``--conv-backend`` picks JAX's CPU convolutions
+(``config.conv_backend``: auto | onednn | xla).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import statistics
 import sys
 import time
+import traceback
 
 import numpy as np
 
@@ -132,24 +139,105 @@ class TorchRunner:
     return metrics
 
 
+def _build_runner(spec):
+  """The runner of ``spec["kind"]`` (jax | torch_eager | torch_compile), built in the calling process."""
+  from cmedl_jax.torch_port import reference_step
+
+  cfg = load_config(spec["config"])
+  size, batch_size = spec["size"], spec["batch"]
+  cfg.data.crop_size, cfg.data.global_batch_size = size, batch_size
+  batch = synthetic_batch(batch_size, size)
+  if spec["kind"] != "jax":
+    return TorchRunner(cfg, batch, compile_mode=spec["kind"] == "torch_compile")
+  from cmedl_jax.models import fast_conv
+  fast_conv.set_backend(spec["conv_backend"])
+  # One seeded PyTorch init gives both frameworks the same starting weights.
+  state_dicts = reference_step.CMEDLStep.from_config(cfg, seed=0).state_dicts()
+  return JaxRunner(cfg, state_dicts, batch, (size, size, 1))
+
+
+def _serve(conn, spec):
+  """Worker process: builds the runner, then answers "step" with (seconds, step-1 metrics or None) until "stop"."""
+  try:
+    runner = _build_runner(spec)
+    info = {}
+    if spec["kind"] == "jax":
+      from cmedl_jax.models import fast_conv
+      info = dict(compile_s=runner.compile_s, devices=runner.devices, conv=fast_conv.resolved_backend())
+    conn.send(("ready", info))
+    first = True
+    while conn.recv() == "step":
+      t0 = time.perf_counter()
+      metrics = runner.step()
+      elapsed = time.perf_counter() - t0
+      conn.send((elapsed, runner.metrics(metrics) if first else None))
+      first = False
+  except Exception:  # pylint: disable=broad-except
+    conn.send(("error", traceback.format_exc()))
+  finally:
+    conn.close()
+
+
+class ProcessRunner:
+  """A runner living in its own spawned process (see the module docstring for why)."""
+
+  def __init__(self, spec):
+    ctx = multiprocessing.get_context("spawn")
+    self._conn, child = ctx.Pipe()
+    self._process = ctx.Process(target=_serve, args=(child, spec), daemon=True)
+    self._process.start()
+    child.close()
+    self.info = self._receive(spec["kind"])
+    self.last_elapsed = None
+
+  def _receive(self, what):
+    try:
+      message = self._conn.recv()
+    except EOFError:
+      raise SystemExit(f"the {what} benchmark process died (exit code {self._process.exitcode})") from None
+    if isinstance(message, tuple) and message[0] == "error":
+      raise SystemExit(f"the benchmark process failed:\n{message[1]}")
+    return message[1] if message[0] == "ready" else message
+
+  def step(self):
+    self._conn.send("step")
+    self.last_elapsed, metrics = self._receive("step")
+    return metrics
+
+  def metrics(self, metrics):
+    return metrics
+
+  def close(self):
+    try:
+      self._conn.send("stop")
+    except OSError:
+      pass
+    self._process.join(timeout=30)
+
+
 def run_interleaved(runners, warmup, steps):
   """Warm-up steps per runner (the first one timed alone), then ``steps`` rounds of one step of each runner in turn.
 
   Interleaving exposes every framework to the same background load, so their ratio stays meaningful on a shared
-  machine. Returns {name: {"first_step_s", "times", "first_metrics"}}.
+  machine. A runner with ``last_elapsed`` (a :class:`ProcessRunner`) reports its own step time. Returns
+  {name: {"first_step_s", "times", "first_metrics"}}.
   """
-  out = {}
-  for name, runner in runners.items():
+
+  def timed_step(runner):
     t0 = time.perf_counter()
     metrics = runner.step()
-    out[name] = dict(first_step_s=time.perf_counter() - t0, times=[], first_metrics=runner.metrics(metrics))
+    elapsed = time.perf_counter() - t0
+    return getattr(runner, "last_elapsed", None) or elapsed, metrics
+
+  out = {}
+  for name, runner in runners.items():
+    first_step_s, metrics = timed_step(runner)
+    out[name] = dict(first_step_s=first_step_s, times=[], first_metrics=runner.metrics(metrics))
     for _ in range(max(warmup - 1, 0)):
       runner.step()
   for _ in range(steps):
     for name, runner in runners.items():
-      t0 = time.perf_counter()
-      runner.step()
-      out[name]["times"].append(time.perf_counter() - t0)
+      out[name]["times"].append(timed_step(runner)[0])
   return out
 
 
@@ -164,16 +252,14 @@ def main(argv=None):
   parser.add_argument("--skip-jax", action="store_true")
   parser.add_argument("--skip-torch", action="store_true", help="eager PyTorch (its weights are still built)")
   parser.add_argument("--json", help="write the results to this file")
+  parser.add_argument("--conv-backend", default="auto", choices=("auto", "onednn", "xla"),
+                      help="JAX's CPU convolutions (config.conv_backend)")
   args = parser.parse_args(argv)
 
   import torch
 
-  from cmedl_jax.torch_port import reference_step
-
   cfg = load_config(args.config)
   cfg.data.crop_size, cfg.data.global_batch_size = args.size, args.batch
-  batch = synthetic_batch(args.batch, args.size)
-  image_shape = (args.size, args.size, 1)
   m = cfg.model
   print(f"machine: {_machine()}; torch {torch.__version__} with {torch.get_num_threads()} threads; "
         f"{_load_average()}")
@@ -182,19 +268,22 @@ def main(argv=None):
         f"pool {cfg.pool_size}; {args.warmup} warm-up + {args.steps} timed steps")
   results = dict(config=args.config, size=args.size, batch=args.batch, steps=args.steps, warmup=args.warmup,
                  machine=_machine(), torch_threads=torch.get_num_threads(), load_average_start=_load_average())
-  # One seeded PyTorch init gives both frameworks the same starting weights.
-  state_dicts = reference_step.CMEDLStep.from_config(cfg, seed=0).state_dicts()
-
+  spec = dict(config=args.config, size=args.size, batch=args.batch, conv_backend=args.conv_backend)
+  kinds = ([] if args.skip_jax else ["jax"]) + ([] if args.skip_torch else ["torch_eager"])
+  kinds += ["torch_compile"] if args.compile else []
   runners = {}
-  if not args.skip_jax:
-    runners["jax"] = JaxRunner(cfg, state_dicts, batch, image_shape)
-    results["jax_compile_s"] = runners["jax"].compile_s
-    print(f"JAX: compiled the step in {runners['jax'].compile_s:.1f} s on {runners['jax'].devices}", flush=True)
-  if not args.skip_torch:
-    runners["torch_eager"] = TorchRunner(cfg, batch)
-  if args.compile:
-    runners["torch_compile"] = TorchRunner(cfg, batch, compile_mode=True)
-  timings = run_interleaved(runners, args.warmup, args.steps)
+  try:
+    for kind in kinds:
+      runners[kind] = ProcessRunner({**spec, "kind": kind})
+      if kind == "jax":
+        info = runners["jax"].info
+        results.update(jax_compile_s=info["compile_s"], jax_convolutions=info["conv"])
+        print(f"JAX: compiled the step in {info['compile_s']:.1f} s on {info['devices']}; convolutions: "
+              f"{info['conv']}", flush=True)
+    timings = run_interleaved(runners, args.warmup, args.steps)
+  finally:
+    for runner in runners.values():
+      runner.close()
   labels = {"jax": "JAX jit", "torch_eager": "PyTorch eager", "torch_compile": "PyTorch torch.compile"}
   for name, timing in timings.items():
     median = statistics.median(timing["times"])
