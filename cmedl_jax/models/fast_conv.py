@@ -12,15 +12,13 @@ Measured on this project's 2-core CPU (jax 0.10.2, docs/performance.md):
   same fast forward form.
 
 On CPU, with the default backend ``"auto"`` (:func:`set_backend`, ``config.conv_backend``), the forward
-convolution, the input gradient and the kernel gradients that :func:`use_matmul_kernel_grad` leaves to the
-convolution library run in oneDNN instead (:mod:`cmedl_jax.models.onednn`; 1.5-10x faster than XLA:CPU's
+convolution and both gradients run in oneDNN instead (:mod:`cmedl_jax.models.onednn`; 1.5-10x faster than XLA:CPU's
 convolutions on these layers). The backend is read when a function is traced (jitted): set it before.
 """
 
 from __future__ import annotations
 
 import functools
-
 import warnings
 
 import jax
@@ -258,11 +256,7 @@ def _conv_zero_padded_bwd(stride, padding, dilation, residuals, g):
   if _use_onednn(x, kernel, g):
     geometry = _onednn_geometry(stride, padding, dilation)
     dx = onednn.conv_backward_data(g, kernel, x.shape, **geometry)
-    if use_matmul_kernel_grad(g.shape, kernel.shape, stride, padding, dilation):
-      # Faster than oneDNN's kernel gradient too on the paper networks' large layers (paper step 45-53 -> 38 s).
-      dw = conv_kernel_grad(x, g, kernel.shape, stride=stride, padding=padding, dilation=dilation)
-    else:
-      dw = onednn.conv_backward_weights(x, g, kernel.shape, **geometry)
+    dw = onednn.conv_backward_weights(x, g, kernel.shape, **geometry)
     return dx, dw
   kh = kernel.shape[0]
   full = dilation * (kh - 1) - padding

@@ -63,6 +63,10 @@ struct CachedPrimitive {
   memory::desc scratchpad;
   bool needs_reorder = false;
   dnnl::reorder weights_reorder;  // HWIO -> weights (forward, data gradient) or weights -> HWIO (kernel gradient)
+  // Kernel gradient only: the primitive's input and output-gradient layouts and the reorders from NHWC.
+  memory::desc src, dst;
+  bool reorder_src = false, reorder_dst = false;
+  dnnl::reorder src_reorder, dst_reorder;
 };
 
 std::mutex cache_mutex;
@@ -97,12 +101,27 @@ std::shared_ptr<CachedPrimitive> Lookup(const Geometry& g, Kind kind) {
     entry->weights = pd.weights_desc();
     entry->scratchpad = pd.scratchpad_desc();
   } else {
+    const memory::desc any_src({g.n, g.cin, g.h, g.w}, dt::f32, tag::any);
+    const memory::desc any_dst({g.n, g.cout, g.out_h, g.out_w}, dt::f32, tag::any);
+    dnnl::convolution_forward::primitive_desc forward_any(
+        Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, any_src, g.AnyWeights(),
+        any_dst, g.Strides(), g.Dilations(), g.PadLow(), g.PadHigh(), UserScratchpad());
     dnnl::convolution_backward_weights::primitive_desc pd(
-        Engine(), dnnl::algorithm::convolution_direct, g.Src(), g.AnyWeights(), g.Dst(), g.Strides(),
-        g.Dilations(), g.PadLow(), g.PadHigh(), forward, UserScratchpad());
+        Engine(), dnnl::algorithm::convolution_direct, any_src, g.AnyWeights(), any_dst, g.Strides(),
+        g.Dilations(), g.PadLow(), g.PadHigh(), forward_any, UserScratchpad());
     entry->primitive = dnnl::convolution_backward_weights(pd);
     entry->weights = pd.diff_weights_desc();
     entry->scratchpad = pd.scratchpad_desc();
+    entry->src = pd.src_desc();
+    entry->dst = pd.diff_dst_desc();
+    entry->reorder_src = !(entry->src == g.Src());
+    entry->reorder_dst = !(entry->dst == g.Dst());
+    if (entry->reorder_src) {
+      entry->src_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), g.Src(), Engine(), entry->src));
+    }
+    if (entry->reorder_dst) {
+      entry->dst_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), g.Dst(), Engine(), entry->dst));
+    }
   }
   entry->needs_reorder = !(entry->weights == g.HwioWeights());
   if (entry->needs_reorder) {
@@ -152,8 +171,18 @@ ffi::Error Run(Kind kind, const Geometry& g, float* src, float* weights, float* 
       entry->primitive.execute(stream, {{DNNL_ARG_DIFF_SRC, src_mem}, {DNNL_ARG_WEIGHTS, kernel},
                                         {DNNL_ARG_DIFF_DST, dst_mem}, {DNNL_ARG_SCRATCHPAD, scratchpad}});
     } else {
-      entry->primitive.execute(stream, {{DNNL_ARG_SRC, src_mem}, {DNNL_ARG_DIFF_WEIGHTS, kernel},
-                                        {DNNL_ARG_DIFF_DST, dst_mem}, {DNNL_ARG_SCRATCHPAD, scratchpad}});
+      thread_local AlignedBuffer src_buffer, dst_buffer;
+      memory src_in = src_mem, dst_in = dst_mem;
+      if (entry->reorder_src) {
+        src_in = memory(entry->src, Engine(), src_buffer.Get(entry->src.get_size()));
+        entry->src_reorder.execute(stream, src_mem, src_in);
+      }
+      if (entry->reorder_dst) {
+        dst_in = memory(entry->dst, Engine(), dst_buffer.Get(entry->dst.get_size()));
+        entry->dst_reorder.execute(stream, dst_mem, dst_in);
+      }
+      entry->primitive.execute(stream, {{DNNL_ARG_SRC, src_in}, {DNNL_ARG_DIFF_WEIGHTS, kernel},
+                                        {DNNL_ARG_DIFF_DST, dst_in}, {DNNL_ARG_SCRATCHPAD, scratchpad}});
       if (entry->needs_reorder) entry->weights_reorder.execute(stream, kernel, hwio);
     }
     stream.wait();
