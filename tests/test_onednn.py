@@ -129,6 +129,14 @@ def test_failed_build_reports_the_compiler_output(monkeypatch, tmp_path):
   assert not out.exists() and os.listdir(tmp_path) == ["broken-cxx"]  # no half-written library left behind
 
 
+@needs_onednn
+def test_unwritable_cache_folder_is_reported(tmp_path):
+  not_a_folder = tmp_path / "a-file"
+  not_a_folder.write_text("")
+  with pytest.raises(onednn.OnednnUnavailable, match="CMEDL_ONEDNN_CACHE"):
+    onednn.build(str(not_a_folder / "lib.so"))
+
+
 def test_auto_falls_back_to_xla_with_one_warning(monkeypatch, backend):
   backend("auto")
   monkeypatch.setattr(onednn, "available", lambda: False)

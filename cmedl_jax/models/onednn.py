@@ -85,10 +85,16 @@ def library_path(cache_dir=None):
 def build(out_path):
   """Compiles the handlers into ``out_path`` (atomically: concurrent processes may build at once)."""
   include, lib = find_onednn()
-  os.makedirs(os.path.dirname(out_path), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(out_path))
-  os.close(fd)
-  cmd = [_compiler(), "-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w", SOURCE, "-o", tmp, f"-I{include}",
+  compiler = _compiler()
+  folder = os.path.dirname(out_path)
+  try:
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+    os.close(fd)
+  except OSError as e:
+    raise OnednnUnavailable(f"cannot write the oneDNN library into {folder} ({e}); set CMEDL_ONEDNN_CACHE to a "
+                            "writable folder") from e
+  cmd = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w", SOURCE, "-o", tmp, f"-I{include}",
          f"-I{jax.ffi.include_dir()}", f"-L{lib}", "-ldnnl", f"-Wl,-rpath,{lib}"]
   try:
     result = subprocess.run(cmd, capture_output=True, text=True)
@@ -96,6 +102,8 @@ def build(out_path):
       raise OnednnUnavailable(f"building {SOURCE} failed (exit {result.returncode}):\n{' '.join(cmd)}\n"
                               f"{result.stderr[-3000:]}")
     os.replace(tmp, out_path)
+  except OSError as e:
+    raise OnednnUnavailable(f"building {SOURCE} into {out_path} failed: {e}") from e
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
