@@ -173,7 +173,10 @@ def _serve(conn, spec):
       conn.send((elapsed, runner.metrics(metrics) if first else None))
       first = False
   except Exception:  # pylint: disable=broad-except
-    conn.send(("error", traceback.format_exc()))
+    try:
+      conn.send(("error", traceback.format_exc()))
+    except OSError:  # the parent is gone
+      pass
   finally:
     conn.close()
 
@@ -213,6 +216,9 @@ class ProcessRunner:
     except OSError:
       pass
     self._process.join(timeout=30)
+    if self._process.is_alive():
+      self._process.terminate()
+      self._process.join(timeout=10)
 
 
 def run_interleaved(runners, warmup, steps):

@@ -25,6 +25,7 @@ import shutil
 import site
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 
@@ -44,8 +45,14 @@ class OnednnUnavailable(RuntimeError):
 
 
 def _prefixes():
-  """Where pip puts the oneDNN wheels' lib/ and include/ (environment prefix, user base, $CMEDL_ONEDNN_ROOT)."""
-  found = [os.environ.get("CMEDL_ONEDNN_ROOT"), sys.prefix, sys.base_prefix, site.getuserbase()]
+  """Where pip puts the oneDNN wheels' lib/ and include/ ($CMEDL_ONEDNN_ROOT, the install schemes' data folders)."""
+  found = [os.environ.get("CMEDL_ONEDNN_ROOT"), sysconfig.get_path("data"), sys.prefix, sys.base_prefix,
+           site.getuserbase()]
+  for scheme in ("posix_prefix", "posix_local", "posix_user"):
+    try:
+      found.append(sysconfig.get_path("data", scheme))
+    except KeyError:  # a scheme this Python does not have
+      pass
   return [p for i, p in enumerate(found) if p and p not in found[:i]]
 
 
@@ -62,11 +69,16 @@ def find_onednn():
       "(x86-64 Linux), or set CMEDL_ONEDNN_ROOT to a folder with include/ and lib/")
 
 
+# libdnnl from the gomp wheel runs on GNU OpenMP; -fopenmp of a GCC-compatible compiler links the same libgomp, so
+# the handlers' omp_set_num_threads reaches oneDNN (clang's -fopenmp would bring a second OpenMP runtime).
+_CXXFLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w")
+
+
 def _compiler():
-  for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+  for name in (os.environ.get("CXX"), "g++", "c++"):
     if name and shutil.which(name):
       return shutil.which(name)
-  raise OnednnUnavailable("no C++ compiler found (g++, c++ or clang++; or set CXX) to build "
+  raise OnednnUnavailable("no C++ compiler found (g++ or c++; or set CXX to a GCC-compatible one) to build "
                           f"{SOURCE}; install one, e.g. apt-get install g++")
 
 
@@ -77,7 +89,8 @@ def library_path(cache_dir=None):
   with open(SOURCE, "rb") as f:
     key.update(f.read())
   import jaxlib
-  key.update(f"{jaxlib.__version__}|{include}|{lib}|{os.path.getmtime(os.path.join(lib, 'libdnnl.so.3'))}".encode())
+  dnnl_mtime = os.path.getmtime(os.path.join(lib, "libdnnl.so.3"))
+  key.update(f"{jaxlib.__version__}|{include}|{lib}|{dnnl_mtime}|{' '.join(_CXXFLAGS)}".encode())
   cache_dir = cache_dir or os.environ.get("CMEDL_ONEDNN_CACHE", DEFAULT_CACHE)
   return os.path.join(cache_dir, f"libcmedl_onednn_conv-{key.hexdigest()[:16]}.so")
 
@@ -94,8 +107,8 @@ def build(out_path):
   except OSError as e:
     raise OnednnUnavailable(f"cannot write the oneDNN library into {folder} ({e}); set CMEDL_ONEDNN_CACHE to a "
                             "writable folder") from e
-  cmd = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w", SOURCE, "-o", tmp, f"-I{include}",
-         f"-I{jax.ffi.include_dir()}", f"-L{lib}", "-ldnnl", f"-Wl,-rpath,{lib}"]
+  cmd = [compiler, *_CXXFLAGS, SOURCE, "-o", tmp, f"-I{include}", f"-I{jax.ffi.include_dir()}", f"-L{lib}", "-ldnnl",
+         f"-Wl,-rpath,{lib}"]
   try:
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:

@@ -11,6 +11,8 @@
 // several CPU devices in one process, each device's calls get their share instead of all cores each).
 
 #include <cstdint>
+#include <exception>
+#include <new>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -187,6 +189,10 @@ ffi::Error Run(Kind kind, const Geometry& g, float* src, float* weights, float* 
     }
     stream.wait();
   } catch (const dnnl::error& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN convolution failed: ") + e.what());
+  } catch (const std::bad_alloc&) {
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted, "oneDNN convolution: out of memory");
+  } catch (const std::exception& e) {
     return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN convolution failed: ") + e.what());
   }
   return ffi::Error::Success();
