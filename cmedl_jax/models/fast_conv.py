@@ -58,10 +58,6 @@ def set_backend(name: str) -> None:
   _backend = name
 
 
-def get_backend() -> str:
-  return _backend
-
-
 def resolved_backend(platform: str | None = None) -> str:
   """The library the convolutions traced now use on ``platform`` (default: JAX's default backend)."""
   platform = platform or jax.default_backend()

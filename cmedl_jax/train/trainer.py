@@ -25,7 +25,7 @@ import numpy as np
 
 from cmedl_jax import distributed
 from cmedl_jax.data import pipeline
-from cmedl_jax.models import fast_conv, onednn
+from cmedl_jax.models import fast_conv
 from cmedl_jax.train import checkpointing, networks, state as state_lib, step as step_lib
 from cmedl_jax.utils import png
 
