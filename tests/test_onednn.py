@@ -1,6 +1,7 @@
 """oneDNN convolutions through XLA's FFI (cmedl_jax.models.onednn) against XLA's convolutions and PyTorch."""
 
 import os
+import threading
 import warnings
 
 import jax
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 from jax import lax
 
+from cmedl_jax.bench import conv_profile
 from cmedl_jax.models import fast_conv, layers, onednn
 
 needs_onednn = pytest.mark.skipif(not onednn.available(), reason=f"oneDNN unavailable: {onednn.unavailable_reason()}")
@@ -93,6 +95,80 @@ def test_conv2d_gradients_under_both_backends_agree(backend):
     assert target in programs["onednn"]
   for a, b in zip(jax.tree.leaves(results["onednn"]), jax.tree.leaves(results["xla"])):
     assert_close(a, b, tolerance=1e-4)
+
+
+# Independent convolutions of different geometries, which XLA may issue from several of its threads at once.
+CONCURRENT = [((2, 20, 20, 16), (3, 3, 16, 16), (1, 1), ((1, 1), (1, 1))),
+              ((2, 24, 24, 8), (4, 4, 8, 12), (2, 2), ((1, 1), (1, 1))),
+              ((2, 26, 26, 1), (7, 7, 1, 8), (1, 1), ((0, 0), (0, 0))),
+              ((2, 16, 16, 32), (1, 1, 32, 4), (1, 1), ((0, 0), (0, 0)))]
+
+
+@needs_onednn
+def test_concurrent_calls_are_correct_and_run_on_one_executor_thread():
+  inputs = [(random(x_shape, 10 + i), random(kernel_shape, 20 + i)) for i, (x_shape, kernel_shape, _, _) in
+            enumerate(CONCURRENT)]
+
+  def all_convs(inputs):
+    return [onednn.conv_forward(x, k, stride=s, padding=p) for (x, k), (_, _, s, p) in zip(inputs, CONCURRENT)]
+
+  expected = [reference(x, k, s, p, (1, 1)) for (x, k), (_, _, s, p) in zip(inputs, CONCURRENT)]
+  fn = jax.jit(all_convs)
+  jax.block_until_ready(fn(inputs))
+  results, errors = {}, []
+
+  def worker(index):
+    try:
+      for repeat in range(3):
+        results[index, repeat] = jax.block_until_ready(fn(inputs))
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(e)
+
+  onednn.profile_start()
+  threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join()
+  profile = onednn.profile_stop()
+  assert not errors
+  for outputs in results.values():
+    for actual, want in zip(outputs, expected):
+      assert_close(actual, want)
+  assert profile["threads"] == 1  # every call of every XLA thread ran on the one executor thread
+  assert sorted(calls for calls, _ in profile["calls"].values()) == [12] * len(CONCURRENT)
+  assert 0 < profile["busy_s"] <= sum(seconds for _, seconds in profile["calls"].values()) + 1e-3
+
+
+@needs_onednn
+def test_profile_names_each_geometry_and_counts_its_calls():
+  x, kernel = random((3, 18, 14, 5), 30), random((4, 4, 5, 7), 31)
+  geometry = dict(stride=(2, 2), padding=((1, 1), (1, 1)))
+  forward = jax.jit(lambda x, k: onednn.conv_forward(x, k, **geometry))
+  backward_weights = jax.jit(lambda x, g: onednn.conv_backward_weights(x, g, kernel.shape, **geometry))
+  y = forward(x, kernel)
+  assert y.shape == (3, 9, 7, 7)
+  jax.block_until_ready(backward_weights(x, y))
+  onednn.profile_start()
+  for _ in range(2):
+    jax.block_until_ready(forward(x, kernel))
+  jax.block_until_ready(backward_weights(x, y))
+  profile = onednn.profile_stop()
+  assert set(profile["calls"]) == {"fwd n3 18x14x5 -> 9x7x7 k4x4 s2", "dw  n3 18x14x5 -> 9x7x7 k4x4 s2"}
+  assert profile["calls"]["fwd n3 18x14x5 -> 9x7x7 k4x4 s2"][0] == 2
+  assert profile["calls"]["dw  n3 18x14x5 -> 9x7x7 k4x4 s2"][0] == 1
+  # multiply-adds x 2: every output element sums kh * kw * in products
+  assert conv_profile.gflop("fwd n3 18x14x5 -> 9x7x7 k4x4 s2") == pytest.approx(2 * 3 * 9 * 7 * 7 * 4 * 4 * 5 / 1e9)
+  summary = conv_profile.summarize(profile, step_s=1.0)
+  assert [row["calls"] for row in summary["rows"]] in ([2, 1], [1, 2])
+  assert summary["gflop"] == pytest.approx(3 * conv_profile.gflop("fwd n3 18x14x5 -> 9x7x7 k4x4 s2"))
+  assert summary["seconds_per_kind"]["dx"] == 0
+  with pytest.raises(ValueError, match="not a oneDNN profile key"):
+    conv_profile.gflop("conv 3x3")
+  # stopped: later calls are not counted
+  jax.block_until_ready(forward(x, kernel))
+  onednn.profile_start()
+  assert onednn.profile_stop()["calls"] == {}
 
 
 @needs_onednn

@@ -1,6 +1,7 @@
 """``python -m cmedl_jax.bench SUBCOMMAND [options]``: benchmarks that print ratios measured in one run.
 
 Subcommands:
+  convs     where the JAX step's time goes on CPU: the oneDNN convolutions per geometry (ms, GFLOP/s, share)
   metrics   jitted surface metrics vs the DeepMind surface-distance library on a 512x512x100 volume
   step      the full CMEDL train step, JAX (jit) vs PyTorch eager (and torch.compile with --compile)
 """
@@ -10,7 +11,7 @@ import sys
 
 def main(argv=None):
   argv = list(sys.argv[1:] if argv is None else argv)
-  commands = {"metrics": "cmedl_jax.bench.metrics_bench", "step": "cmedl_jax.bench.step_bench"}
+  commands = {"convs": "cmedl_jax.bench.conv_profile", "metrics": "cmedl_jax.bench.metrics_bench", "step": "cmedl_jax.bench.step_bench"}
   if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
     print(__doc__)
     return 0 if argv and argv[0] in ("-h", "--help") else 2

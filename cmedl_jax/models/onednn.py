@@ -11,9 +11,11 @@ Whether the convolutions use it is :func:`cmedl_jax.models.fast_conv.set_backend
 ``"auto"`` (default) uses oneDNN on CPU when it can be built and XLA's convolutions otherwise, with one warning
 saying why; ``"onednn"`` raises :class:`OnednnUnavailable` instead; ``"xla"`` never uses it.
 
-oneDNN runs each call on OpenMP threads: the process's cores (``OMP_NUM_THREADS`` if set) divided by the number
-of CPU devices (:func:`threads_per_call`), so that the devices of a multi-device CPU run do not oversubscribe the
-cores (measured: the test suite, with 8 virtual devices, 6.5 -> 12 min with all cores per call).
+All calls of the process (every XLA thread, every CPU device) run one at a time on one executor thread of the
+library, with the process's cores (``OMP_NUM_THREADS`` if set; :func:`threads_per_call`) as OpenMP threads: XLA
+issues independent convolutions concurrently, and run from each XLA thread they oversubscribed the cores with one
+OpenMP team per thread (quickstart step: the convolutions' busy time 0.55 -> 0.29 s per step with the executor).
+:func:`profile_start` / :func:`profile_stop` time the calls per geometry (``python -m cmedl_jax.bench convs``).
 """
 
 from __future__ import annotations
@@ -167,12 +169,12 @@ def unavailable_reason() -> str:
 
 
 def threads_per_call() -> int:
-  """OpenMP threads per convolution: this process's cores ($OMP_NUM_THREADS if set) per CPU device."""
+  """OpenMP threads per convolution: this process's cores ($OMP_NUM_THREADS if set); calls run one at a time."""
   try:
     cores = int(os.environ.get("OMP_NUM_THREADS", "0")) or len(os.sched_getaffinity(0))
   except (ValueError, AttributeError):
     cores = os.cpu_count() or 1
-  return max(1, cores // max(1, jax.local_device_count("cpu")))
+  return max(1, cores)
 
 
 def _attributes(stride, padding, dilation):
@@ -221,3 +223,37 @@ def conv_backward_weights(x, g, kernel_shape, *, stride=(1, 1), padding=((0, 0),
   load()
   out = jax.ShapeDtypeStruct(tuple(kernel_shape), x.dtype)
   return _call("backward_weights", out)(x, g, **_attributes(stride, padding, dilation))
+
+
+def profile_start():
+  """Starts timing every oneDNN call of this process, per kind and geometry (:func:`profile_stop` reads it)."""
+  load()
+  _state["library"].CmedlOnednnProfileStart()
+
+
+def profile_stop():
+  """Stops timing the calls and returns what was measured since :func:`profile_start`.
+
+  Returns:
+    dict with ``calls``: {"fwd|dx|dw n<N> <H>x<W>x<in> -> <H'>x<W'>x<out> k<kh>x<kw> s<stride>": (calls,
+    seconds)}, ``busy_s``: wall seconds with a call running, ``threads``: OS threads the calls ran on (1: the
+    executor).
+  """
+  load()
+  library = _state["library"]
+  library.CmedlOnednnProfileStop.restype = ctypes.c_int64
+  size = 1 << 16
+  while True:
+    buffer = ctypes.create_string_buffer(size)
+    needed = library.CmedlOnednnProfileStop(buffer, ctypes.c_int64(size))
+    if needed < size:
+      break
+    size = needed + 1  # the stop is idempotent: read the same table again into a larger buffer
+  calls, busy, threads = {}, 0.0, 0
+  for line in buffer.value.decode().splitlines():
+    if line.startswith("busy "):
+      _, busy, threads = line.split()
+    else:
+      count, seconds, key = line.split(" ", 2)
+      calls[key] = (int(count), float(seconds))
+  return {"calls": calls, "busy_s": float(busy), "threads": int(threads)}
