@@ -17,8 +17,7 @@ from tests.tiny import random_batch, tiny_config
 def _setup(cfg):
   nets = networks.build_networks(cfg)
   optimizers = state_lib.make_optimizers(cfg, nets)
-  state = jax.jit(lambda k: state_lib.create_train_state(nets, cfg, optimizers, k, (32, 32, 1)))(
-      jax.random.key(0))
+  state = state_lib.init_train_state(nets, cfg, optimizers, jax.random.key(0), (32, 32, 1))
   return nets, optimizers, state
 
 
@@ -216,6 +215,21 @@ def test_shard_map_pmap_and_single_device_agree():
       np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5, err_msg=name)
   assert set(ref_metrics) >= {"g_adv_ct2mr", "g_adv_mr2ct", "cycle", "identity", "d_mr", "d_ct", "teacher_seg",
                               "student_seg", "hint", "total"}
+
+
+def test_run_once_keeps_values_and_shardings(cmedl_setup):
+  """run_once (the state's init, compiled without LLVM optimisation on CPU) = the plain jitted call up to 1 ulp."""
+  cfg, nets, _, _ = cmedl_setup
+  mesh = step_lib.make_mesh(jax.devices()[:2])
+  replicated = jax.sharding.NamedSharding(mesh, P())
+  init = jax.jit(lambda k: nets.disc_mr.init(k, jnp.zeros((1, 32, 32, 1)))["params"], out_shardings=replicated)
+  key = jax.random.key(3)
+  fast, plain = state_lib.run_once(init, key), init(key)
+  assert jax.tree.structure(fast) == jax.tree.structure(plain)
+  for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(plain)):
+    assert a.sharding == replicated and a.shape == b.shape and a.dtype == b.dtype
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=4e-7, atol=1e-9)
+  assert any(float(jnp.std(leaf)) > 0 for leaf in jax.tree.leaves(fast))  # real random kernels, not zeros
 
 
 def test_state_is_updated_and_step_counts(cmedl_setup):

@@ -233,7 +233,7 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
       log.info("init_from is ignored when resuming: the weights come from the checkpoint")
   else:
     t0 = time.time()
-    state = init_fn(jax.random.key(cfg.seed))
+    state = state_lib.run_once(init_fn, jax.random.key(cfg.seed))
     if init_from:
       state = jax.device_put(bridge.with_converted_weights(state, init_from, nets, cfg, optimizers, image_shape),
                              replicated)
