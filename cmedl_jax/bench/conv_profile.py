@@ -54,9 +54,7 @@ def main(argv=None):
   from cmedl_jax.bench import step_bench
 
   parser = argparse.ArgumentParser(prog="python -m cmedl_jax.bench convs", description=__doc__.split("\n\n")[0])
-  parser.add_argument("--config", default="quickstart", help="quickstart | paper | FILE.py[:ARG]")
-  parser.add_argument("--size", type=int, default=128, help="square crop in pixels")
-  parser.add_argument("--batch", type=int, default=4, help="images per step (the global batch)")
+  step_bench.add_problem_arguments(parser)
   parser.add_argument("--steps", type=int, default=3, help="timed steps (the last one profiled)")
   parser.add_argument("--top", type=int, default=25, help="geometries to list")
   parser.add_argument("--json", help="write the summary to this file")

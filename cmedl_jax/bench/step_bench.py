@@ -247,11 +247,16 @@ def run_interleaved(runners, warmup, steps):
   return out
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(prog="python -m cmedl_jax.bench step", description=__doc__.split("\n\n")[0])
+def add_problem_arguments(parser):
+  """--config, --size, --batch: the networks and batch of the benchmarked step (shared with ``bench convs``)."""
   parser.add_argument("--config", default="quickstart", help="quickstart | paper | FILE.py[:ARG]")
   parser.add_argument("--size", type=int, default=128, help="square crop in pixels")
   parser.add_argument("--batch", type=int, default=4, help="images per step (the global batch)")
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(prog="python -m cmedl_jax.bench step", description=__doc__.split("\n\n")[0])
+  add_problem_arguments(parser)
   parser.add_argument("--steps", type=int, default=5, help="timed steps")
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (JAX: after compiling)")
   parser.add_argument("--compile", action="store_true", help="also time PyTorch with torch.compile")

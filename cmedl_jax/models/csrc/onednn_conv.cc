@@ -290,7 +290,11 @@ ffi::Error Timed(Kind kind, const Geometry& g, const std::function<ffi::Error()>
 
 ffi::Error Dispatch(Kind kind, const Geometry& g, float* src, float* weights, float* dst) {
   std::function<ffi::Error()> job = [=, &g] { return Run(kind, g, src, weights, dst); };
-  return Executor::Get().Run([&] { return Timed(kind, g, job); });
+  try {
+    return Executor::Get().Run([&] { return Timed(kind, g, job); });
+  } catch (const std::exception& e) {  // e.g. no thread could be started, or the profile's bookkeeping
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN convolution failed: ") + e.what());
+  }
 }
 
 Geometry MakeGeometry(ffi::Span<const int64_t> nhwc_in, ffi::Span<const int64_t> hwio,
