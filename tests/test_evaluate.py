@@ -13,6 +13,8 @@ from scipy import stats
 from cmedl_jax.data import dataset_index, nifti_io, preprocess
 from cmedl_jax.errors import DataError
 from cmedl_jax.evaluate import cli, inference, scoring
+from cmedl_jax.models import fast_conv
+from cmedl_jax.train import checkpointing
 
 AFFINE = np.array([[-0.8, 0, 0, 40.0], [0, -0.8, 0, 30.0], [0, 0, 2.5, -60.0], [0, 0, 0, 1]])
 
@@ -29,6 +31,18 @@ def predictor(trained_run):
 def test_predictor_restores_the_trained_student(predictor, trained_run):
   assert predictor.step == 4 and predictor.cfg.method == "cmedl" and predictor.test_time_network == "student"
   assert set(predictor.variables["params"]) == {"student", "teacher", "gen_ct2mr"}
+
+
+@pytest.mark.parametrize("run_backend, expected", [("xla", "xla"), ("onednn", "auto"), ("auto", "auto")])
+def test_predictor_follows_the_runs_conv_backend(trained_run, monkeypatch, run_backend, expected):
+  workdir, _ = trained_run
+  restore = checkpointing.RunCheckpointer.restore_config
+  monkeypatch.setattr(checkpointing.RunCheckpointer, "restore_config",
+                      lambda self, step: {**restore(self, step), "conv_backend": run_backend})
+  chosen = []
+  monkeypatch.setattr(fast_conv, "set_backend", chosen.append)  # the process-wide choice, not made for real
+  predictor = inference.load_predictor(str(workdir))
+  assert chosen == [expected] and predictor.cfg.conv_backend == run_backend
 
 
 def test_volume_inference_equals_slice_by_slice_application(predictor):

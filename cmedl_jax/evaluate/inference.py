@@ -20,6 +20,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cmedl_jax.data import preprocess
+from cmedl_jax.models import fast_conv
 from cmedl_jax.train import checkpointing, networks
 from cmedl_jax.train import state as state_lib
 from cmedl_jax.train import step as step_lib
@@ -53,13 +54,20 @@ class Predictor:
 
 
 def load_predictor(workdir, step=None) -> Predictor:
-  """Restores the test-time networks of the run in ``workdir`` (latest checkpoint unless ``step``)."""
+  """Restores the test-time networks of the run in ``workdir`` (latest checkpoint unless ``step``).
+
+  Also selects this process's CPU convolutions from the run's ``conv_backend``: "xla" stays "xla", anything else
+  is "auto".
+  """
   ckpt = checkpointing.RunCheckpointer(workdir, async_save=False)
   try:
     step = ckpt.latest_step() if step is None else int(step)
     if step is None:
       raise FileNotFoundError(f"{ckpt.directory}: no checkpoint found; train first (cmedl-train)")
     cfg = ml_collections.ConfigDict(ckpt.restore_config(step))
+    # A run trained with XLA's convolutions is evaluated with them; otherwise oneDNN where it can be built (a run
+    # trained on a machine with oneDNN may be evaluated on one without: "auto" falls back with a warning).
+    fast_conv.set_backend("xla" if cfg.get("conv_backend", "auto") == "xla" else "auto")
     nets = networks.build_networks(cfg)
     optimizers = state_lib.make_optimizers(cfg, nets)
     size = cfg.data.crop_size
