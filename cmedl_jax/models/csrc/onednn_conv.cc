@@ -267,11 +267,13 @@ Profile& GetProfile() {
 
 ffi::Error Timed(Kind kind, const Geometry& g, const std::function<ffi::Error()>& job) {
   Profile& p = GetProfile();
+  bool enabled;
   {
     std::lock_guard<std::mutex> lock(p.mutex);
-    if (!p.enabled) return job();
-    if (p.in_flight++ == 0) p.busy_since = std::chrono::steady_clock::now();
+    enabled = p.enabled;
+    if (enabled && p.in_flight++ == 0) p.busy_since = std::chrono::steady_clock::now();
   }
+  if (!enabled) return job();  // not under the profile's lock: profile_start/stop never wait for a convolution
   const auto start = std::chrono::steady_clock::now();
   ffi::Error result = job();
   const auto end = std::chrono::steady_clock::now();
