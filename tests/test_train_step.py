@@ -17,7 +17,8 @@ from tests.tiny import random_batch, tiny_config
 def _setup(cfg):
   nets = networks.build_networks(cfg)
   optimizers = state_lib.make_optimizers(cfg, nets)
-  state = state_lib.init_train_state(nets, cfg, optimizers, jax.random.key(0), (32, 32, 1))
+  init = jax.jit(lambda k: state_lib.create_train_state(nets, cfg, optimizers, k, (32, 32, 1)))
+  state = state_lib.run_once(init, jax.random.key(0))
   return nets, optimizers, state
 
 
@@ -219,7 +220,7 @@ def test_shard_map_pmap_and_single_device_agree():
 
 def test_run_once_keeps_values_and_shardings(cmedl_setup):
   """run_once (the state's init, compiled without LLVM optimisation on CPU) = the plain jitted call up to 1 ulp."""
-  cfg, nets, _, _ = cmedl_setup
+  _, nets, _, _ = cmedl_setup
   mesh = step_lib.make_mesh(jax.devices()[:2])
   replicated = jax.sharding.NamedSharding(mesh, P())
   init = jax.jit(lambda k: nets.disc_mr.init(k, jnp.zeros((1, 32, 32, 1)))["params"], out_shardings=replicated)

@@ -11,7 +11,8 @@ import sys
 
 def main(argv=None):
   argv = list(sys.argv[1:] if argv is None else argv)
-  commands = {"convs": "cmedl_jax.bench.conv_profile", "metrics": "cmedl_jax.bench.metrics_bench", "step": "cmedl_jax.bench.step_bench"}
+  commands = {"convs": "cmedl_jax.bench.conv_profile", "metrics": "cmedl_jax.bench.metrics_bench",
+              "step": "cmedl_jax.bench.step_bench"}
   if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
     print(__doc__)
     return 0 if argv and argv[0] in ("-h", "--help") else 2

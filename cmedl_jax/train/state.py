@@ -88,12 +88,6 @@ def run_once(jitted, *args):
   return jitted.lower(*args).compile(options)(*args)
 
 
-def init_train_state(nets: Networks, cfg, optimizers, key, image_shape, out_shardings=None) -> TrainState:
-  """:func:`create_train_state`, jitted (``out_shardings`` if given) and compiled with :func:`run_once`."""
-  init = jax.jit(lambda k: create_train_state(nets, cfg, optimizers, k, image_shape), out_shardings=out_shardings)
-  return run_once(init, key)
-
-
 def state_from_variables(nets: Networks, cfg, optimizers, params, batch_stats, rng, image_shape) -> TrainState:
   """Step 0 from given network variables: fresh optimizer states for them, empty image pools."""
   grouped = split_groups(params)
