@@ -1,7 +1,7 @@
 """Profile: where the JAX train step's time goes on CPU, convolution by convolution (oneDNN backend).
 
     python -m cmedl_jax.bench convs [--config quickstart|paper|FILE.py[:ARG]] [--size 128] [--batch 4]
-        [--steps 3] [--top 25] [--json OUT.json]
+        [--conv-algorithm winograd|direct] [--steps 3] [--top 25] [--json OUT.json]
 
 Builds and compiles the same jitted step as ``python -m cmedl_jax.bench step`` (same networks, weights and
 batch), runs one untimed step, then ``--steps`` timed steps with the oneDNN calls timed in the last one
@@ -23,11 +23,15 @@ import statistics
 import sys
 import time
 
-_KEY = re.compile(r"(fwd|dx|dw)\s+n(\d+) (\d+)x(\d+)x(\d+) -> (\d+)x(\d+)x(\d+) k(\d+)x(\d+) s(\d+)")
+_KEY = re.compile(r"(fwd|dx|dw)\s+n(\d+) (\d+)x(\d+)x(\d+) -> (\d+)x(\d+)x(\d+) k(\d+)x(\d+) s(\d+)(?: winograd| thin)?")
 
 
 def gflop(key: str) -> float:
-  """Multiply-adds x 2 / 1e9 of one call of a profile key (``onednn.profile_stop()["calls"]``)."""
+  """Multiply-adds x 2 / 1e9 of one call of a profile key (``onednn.profile_stop()["calls"]``).
+
+  Winograd calls (keys ending in " winograd") count the direct convolution's work too, so their GFLOP/s compare
+  with the direct kernels' (an "effective" rate, above the CPU's peak when the transforms save enough).
+  """
   match = _KEY.fullmatch(key.strip())
   if match is None:
     raise ValueError(f"not a oneDNN profile key: {key!r}")
@@ -70,8 +74,9 @@ def main(argv=None):
     return 1
   print(f"machine: {step_bench._machine()}; {step_bench._load_average()}", flush=True)
   runner = step_bench._build_runner(dict(kind="jax", config=args.config, size=args.size, batch=args.batch,
-                                         conv_backend="onednn"))
-  print(f"compiled the step in {runner.compile_s:.1f} s (convolutions: {fast_conv.resolved_backend()}); "
+                                         conv_backend="onednn", conv_algorithm=args.conv_algorithm))
+  print(f"compiled the step in {runner.compile_s:.1f} s (convolutions: {fast_conv.resolved_backend()}, "
+        f"{fast_conv.algorithm()} 3x3); "
         f"{args.batch} x {args.size}x{args.size} px", flush=True)
   runner.step()
   times = []

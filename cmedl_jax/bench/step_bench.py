@@ -2,7 +2,7 @@
 
     python -m cmedl_jax.bench step [--config quickstart|paper|FILE.py[:ARG]] [--size 128] [--batch 4]
         [--steps 5] [--warmup 2] [--compile] [--skip-jax] [--skip-torch] [--json OUT.json]
-        [--conv-backend auto|onednn|xla]
+        [--conv-backend auto|onednn|xla] [--conv-algorithm winograd|direct]
 
 Both frameworks run CMEDL with the CycleGAN translator (two generators, two PatchGANs, image pools of
 ``pool_size``, teacher and student segmenters, CE + soft Dice, hint, LSGAN, cycle, identity; Adam per group) on
@@ -26,7 +26,8 @@ turn (interleaved, so a shared machine's background load hits all alike; the idl
 are measured inside the worker process. Prints the median step time and images/s of each, the ratio JAX / PyTorch
 of images/s (> 1: JAX is faster), the machine's load average, and both frameworks' step-1 losses (equal up to float
 rounding while the pools are filling, i.e. batch <= pool_size). ``--conv-backend`` picks JAX's CPU convolutions
-(``config.conv_backend``: auto | onednn | xla).
+(``config.conv_backend``: auto | onednn | xla), ``--conv-algorithm`` their 3x3 stride-1 algorithm on oneDNN
+(``config.conv_algorithm``: winograd, the default, | direct).
 """
 
 from __future__ import annotations
@@ -151,6 +152,7 @@ def _build_runner(spec):
     return TorchRunner(cfg, batch, compile_mode=spec["kind"] == "torch_compile")
   from cmedl_jax.models import fast_conv
   fast_conv.set_backend(spec["conv_backend"])
+  fast_conv.set_algorithm(spec.get("conv_algorithm") or cfg.conv_algorithm)
   # One seeded PyTorch init gives both frameworks the same starting weights.
   state_dicts = reference_step.CMEDLStep.from_config(cfg, seed=0).state_dicts()
   return JaxRunner(cfg, state_dicts, batch, (size, size, 1))
@@ -163,7 +165,8 @@ def _serve(conn, spec):
     info = {}
     if spec["kind"] == "jax":
       from cmedl_jax.models import fast_conv
-      info = dict(compile_s=runner.compile_s, devices=runner.devices, conv=fast_conv.resolved_backend())
+      info = dict(compile_s=runner.compile_s, devices=runner.devices, conv=fast_conv.resolved_backend(),
+                  algorithm=fast_conv.algorithm())
     conn.send(("ready", info))
     first = True
     while conn.recv() == "step":
@@ -252,6 +255,8 @@ def add_problem_arguments(parser):
   parser.add_argument("--config", default="quickstart", help="quickstart | paper | FILE.py[:ARG]")
   parser.add_argument("--size", type=int, default=128, help="square crop in pixels")
   parser.add_argument("--batch", type=int, default=4, help="images per step (the global batch)")
+  parser.add_argument("--conv-algorithm", choices=("winograd", "direct"),
+                      help="JAX's oneDNN 3x3 stride-1 convolutions (default: the config's conv_algorithm)")
 
 
 def main(argv=None):
@@ -279,7 +284,8 @@ def main(argv=None):
         f"pool {cfg.pool_size}; {args.warmup} warm-up + {args.steps} timed steps")
   results = dict(config=args.config, size=args.size, batch=args.batch, steps=args.steps, warmup=args.warmup,
                  machine=_machine(), torch_threads=torch.get_num_threads(), load_average_start=_load_average())
-  spec = dict(config=args.config, size=args.size, batch=args.batch, conv_backend=args.conv_backend)
+  spec = dict(config=args.config, size=args.size, batch=args.batch, conv_backend=args.conv_backend,
+              conv_algorithm=args.conv_algorithm)
   kinds = ([] if args.skip_jax else ["jax"]) + ([] if args.skip_torch else ["torch_eager"])
   kinds += ["torch_compile"] if args.compile else []
   runners = {}
@@ -288,9 +294,10 @@ def main(argv=None):
       runners[kind] = ProcessRunner({**spec, "kind": kind})
       if kind == "jax":
         info = runners["jax"].info
-        results.update(jax_compile_s=info["compile_s"], jax_convolutions=info["conv"])
+        results.update(jax_compile_s=info["compile_s"], jax_convolutions=info["conv"],
+                       jax_conv_algorithm=info["algorithm"])
         print(f"JAX: compiled the step in {info['compile_s']:.1f} s on {info['devices']}; convolutions: "
-              f"{info['conv']}", flush=True)
+              f"{info['conv']} ({info['algorithm']} 3x3)", flush=True)
     timings = run_interleaved(runners, args.warmup, args.steps)
   finally:
     for runner in runners.values():

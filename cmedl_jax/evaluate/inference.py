@@ -57,7 +57,7 @@ def load_predictor(workdir, step=None) -> Predictor:
   """Restores the test-time networks of the run in ``workdir`` (latest checkpoint unless ``step``).
 
   Also selects this process's CPU convolutions from the run's ``conv_backend``: "xla" stays "xla", anything else
-  is "auto".
+  is "auto"; and the run's ``conv_algorithm`` (runs saved before the field existed: "winograd").
   """
   ckpt = checkpointing.RunCheckpointer(workdir, async_save=False)
   try:
@@ -68,6 +68,7 @@ def load_predictor(workdir, step=None) -> Predictor:
     # A run trained with XLA's convolutions is evaluated with them; otherwise oneDNN where it can be built (a run
     # trained on a machine with oneDNN may be evaluated on one without: "auto" falls back with a warning).
     fast_conv.set_backend("xla" if cfg.get("conv_backend", "auto") == "xla" else "auto")
+    fast_conv.set_algorithm(cfg.get("conv_algorithm", "winograd"))
     nets = networks.build_networks(cfg)
     optimizers = state_lib.make_optimizers(cfg, nets)
     size = cfg.data.crop_size

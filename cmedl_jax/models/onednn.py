@@ -16,6 +16,11 @@ library, with the process's cores (``OMP_NUM_THREADS`` if set; :func:`threads_pe
 issues independent convolutions concurrently, and run from each XLA thread they oversubscribed the cores with one
 OpenMP team per thread (quickstart step: the convolutions' busy time 0.55 -> 0.29 s per step with the executor).
 :func:`profile_start` / :func:`profile_stop` time the calls per geometry (``python -m cmedl_jax.bench convs``).
+
+``winograd=True`` runs 3x3, stride-1, undilated convolutions with channel counts in multiples of 8 (on AVX2 + FMA
+CPUs) as Winograd F(4x4, 3x3) transforms around oneDNN's sgemm (``csrc/winograd.h``): 4x fewer multiplications,
+2.5-3.5x faster than oneDNN's direct kernels on the paper networks' layers, at ~1e-5 relative error (a direct
+float32 convolution: ~1e-6). Other geometries ignore the flag. :func:`winograd_applies` says which.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import jax
 import numpy as np
 
 SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "onednn_conv.cc")
+HEADERS = tuple(os.path.join(os.path.dirname(__file__), "csrc", name) for name in ("winograd.h", "thin_conv.h"))
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "cmedl_jax", "onednn")
 _TARGETS = {"forward": "CmedlOnednnConvForward", "backward_data": "CmedlOnednnConvBackwardData",
             "backward_weights": "CmedlOnednnConvBackwardWeights"}
@@ -73,7 +79,7 @@ def find_onednn():
 
 # libdnnl from the gomp wheel runs on GNU OpenMP; -fopenmp of a GCC-compatible compiler links the same libgomp, so
 # the handlers' omp_set_num_threads reaches oneDNN (clang's -fopenmp would bring a second OpenMP runtime).
-_CXXFLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w")
+_CXXFLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w")
 
 
 def _compiler():
@@ -88,8 +94,9 @@ def library_path(cache_dir=None):
   """The cached library for this source, jaxlib and oneDNN; built by :func:`build` when missing."""
   include, lib = find_onednn()
   key = hashlib.sha256()
-  with open(SOURCE, "rb") as f:
-    key.update(f.read())
+  for path in (SOURCE, *HEADERS):
+    with open(path, "rb") as f:
+      key.update(f.read())
   import jaxlib
   dnnl_mtime = os.path.getmtime(os.path.join(lib, "libdnnl.so.3"))
   key.update(f"{jaxlib.__version__}|{include}|{lib}|{dnnl_mtime}|{' '.join(_CXXFLAGS)}".encode())
@@ -177,11 +184,22 @@ def threads_per_call() -> int:
   return max(1, cores)
 
 
-def _attributes(stride, padding, dilation):
+def _attributes(stride, padding, dilation, winograd):
   (pt, pb), (pl, pr) = padding
   return dict(threads=np.int64(threads_per_call()), stride_h=np.int64(stride[0]), stride_w=np.int64(stride[1]),
               pad_top=np.int64(pt), pad_bottom=np.int64(pb), pad_left=np.int64(pl), pad_right=np.int64(pr),
-              dilation_h=np.int64(dilation[0]), dilation_w=np.int64(dilation[1]))
+              dilation_h=np.int64(dilation[0]), dilation_w=np.int64(dilation[1]), winograd=np.int64(bool(winograd)))
+
+
+def winograd_applies(kernel_shape, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1)) -> bool:
+  """Whether ``winograd=True`` changes this convolution's algorithm (the library checks the CPU for AVX2 + FMA too).
+
+  3x3 kernels, stride 1, no dilation, top/left zero padding 0-2, input and output channels multiples of 8.
+  """
+  kh, kw, cin, cout = kernel_shape
+  (pt, _), (pl, _) = padding
+  return ((kh, kw) == (3, 3) and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1) and cin % 8 == 0
+          and cout % 8 == 0 and 0 <= pt <= 2 and 0 <= pl <= 2)
 
 
 def _call(kind, out):
@@ -200,7 +218,8 @@ def output_shape(x_shape, kernel_shape, stride, padding, dilation):
   return (n, sizes[0], sizes[1], cout)
 
 
-def conv_forward(x, kernel, *, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1)):
+def conv_forward(x, kernel, *, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1),
+                 winograd=False):
   """Zero-padded convolution, (N, H, W, in) x (kh, kw, in, out) -> (N, H', W', out); float32, CPU only.
 
   ``padding`` is ((top, bottom), (left, right)); results equal ``lax.conv_general_dilated`` with NHWC/HWIO
@@ -208,21 +227,23 @@ def conv_forward(x, kernel, *, stride=(1, 1), padding=((0, 0), (0, 0)), dilation
   """
   load()
   out = jax.ShapeDtypeStruct(output_shape(x.shape, kernel.shape, stride, padding, dilation), x.dtype)
-  return _call("forward", out)(x, kernel, **_attributes(stride, padding, dilation))
+  return _call("forward", out)(x, kernel, **_attributes(stride, padding, dilation, winograd))
 
 
-def conv_backward_data(g, kernel, x_shape, *, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1)):
+def conv_backward_data(g, kernel, x_shape, *, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1),
+                       winograd=False):
   """Gradient of :func:`conv_forward` with respect to its (``x_shape``) input, given the output gradient ``g``."""
   load()
   out = jax.ShapeDtypeStruct(tuple(x_shape), g.dtype)
-  return _call("backward_data", out)(g, kernel, **_attributes(stride, padding, dilation))
+  return _call("backward_data", out)(g, kernel, **_attributes(stride, padding, dilation, winograd))
 
 
-def conv_backward_weights(x, g, kernel_shape, *, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1)):
+def conv_backward_weights(x, g, kernel_shape, *, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1),
+                          winograd=False):
   """Gradient of :func:`conv_forward` with respect to its (kh, kw, in, out) kernel."""
   load()
   out = jax.ShapeDtypeStruct(tuple(kernel_shape), x.dtype)
-  return _call("backward_weights", out)(x, g, **_attributes(stride, padding, dilation))
+  return _call("backward_weights", out)(x, g, **_attributes(stride, padding, dilation, winograd))
 
 
 def profile_start():

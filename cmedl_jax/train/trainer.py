@@ -180,6 +180,7 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
   os.makedirs(workdir, exist_ok=True)
   # Before anything is traced: the convolution library is chosen at trace time.
   fast_conv.set_backend(cfg.get("conv_backend", "auto"))
+  fast_conv.set_algorithm(cfg.get("conv_algorithm", "winograd"))
   is_main = jax.process_index() == 0
   backend = cfg.train.backend
   init_from = {name: folder for name, folder in cfg.init_from.items() if folder}
