@@ -23,7 +23,8 @@ import statistics
 import sys
 import time
 
-_KEY = re.compile(r"(fwd|dx|dw)\s+n(\d+) (\d+)x(\d+)x(\d+) -> (\d+)x(\d+)x(\d+) k(\d+)x(\d+) s(\d+)(?: winograd| thin)?")
+_KEY = re.compile(r"(fwd|dx|dw)\s+n(\d+) (\d+)x(\d+)x(\d+) -> (\d+)x(\d+)x(\d+) k(\d+)x(\d+) s(\d+)"
+                  r"(?: winograd| thin)?")
 
 
 def gflop(key: str) -> float:

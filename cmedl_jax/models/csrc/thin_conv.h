@@ -6,10 +6,11 @@
 //   reduce:    y[p]    = sum_taps dot(x[s p + t - pad, 0..C), w[t, 0..C])       (C input channels, 1 output)
 //   broadcast: y[p, :] = sum_taps x[s p + t - pad] * w[t, :]                      (1 input channel, F outputs)
 // The input gradient of a stride-1 broadcast convolution is a reduce convolution of dy with the flipped kernel and
-// padding k - 1 - pad (that of a reduce convolution, a broadcast one, is left to oneDNN: see Eligible). The kernel gradients sum x-by-dy products over all output pixels, per tap.
-// Every loop keeps 8 independent FMA chains (8 output pixels at a time, or 8 taps' accumulators) so that the FMA
-// latency is hidden; AVX2 + FMA with function-level target attributes (like winograd.h), 8 channels per vector,
-// threads over output rows (the kernel gradients: per-thread partial sums, added at the end).
+// padding k - 1 - pad (that of a reduce convolution, a broadcast one, is left to oneDNN: see Eligible). The kernel
+// gradients sum x-by-dy products over all output pixels, per tap. The inner loops keep 4-8 independent FMA chains
+// (8 output pixels at a time, or 8 accumulators over columns or channel blocks) so that the FMA latency is hidden.
+// AVX2 + FMA with function-level target attributes (like winograd.h), 8 channels per vector, threads over output
+// rows (the kernel gradients: per-thread partial sums, added at the end).
 
 #pragma once
 
