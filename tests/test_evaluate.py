@@ -45,6 +45,23 @@ def test_predictor_follows_the_runs_conv_backend(trained_run, monkeypatch, run_b
   assert chosen == [expected] and predictor.cfg.conv_backend == run_backend
 
 
+@pytest.mark.parametrize("run_algorithm, expected", [("direct", "direct"), ("winograd", "winograd"), (None, "winograd")])
+def test_predictor_follows_the_runs_conv_algorithm(trained_run, monkeypatch, run_algorithm, expected):
+  workdir, _ = trained_run
+  restore = checkpointing.RunCheckpointer.restore_config
+
+  def config_of_the_run(self, step):
+    cfg = restore(self, step)
+    cfg.pop("conv_algorithm", None)  # None: a run saved before the field existed
+    return cfg if run_algorithm is None else {**cfg, "conv_algorithm": run_algorithm}
+
+  monkeypatch.setattr(checkpointing.RunCheckpointer, "restore_config", config_of_the_run)
+  chosen = []
+  monkeypatch.setattr(fast_conv, "set_algorithm", chosen.append)
+  inference.load_predictor(str(workdir))
+  assert chosen == [expected]
+
+
 def test_volume_inference_equals_slice_by_slice_application(predictor):
   """Batching with a padded last batch and a mask must not change any slice's prediction."""
   rng = np.random.default_rng(0)
