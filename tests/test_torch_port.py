@@ -327,3 +327,13 @@ def test_files_are_read_with_weights_only(tmp_path):
   torch.save({"state_dict": unet.state_dict(), "config": TrainingOptions()}, unsafe)
   with pytest.raises(convert.WeightImportError, match="weights_only=True"):
     convert.convert_file("unet", str(unsafe))
+
+
+def test_paired_ratios_compare_steps_of_the_same_round():
+  from cmedl_jax.bench import step_bench
+
+  # Round 2 ran under load for both frameworks: its ratio (2.0 / 1.0) is the same as the quiet rounds'.
+  jax_times, torch_times = [0.5, 1.0, 0.4], [1.0, 2.0, 0.6]
+  assert step_bench.paired_ratios(jax_times, torch_times) == pytest.approx((2.0, 1.5, 2.0))
+  with pytest.raises(ValueError):
+    step_bench.paired_ratios([], [])

@@ -24,8 +24,9 @@ slowed the other's steps: PyTorch eager 0.47 -> 0.72 s per quickstart step next 
 OpenMP threads, measured). Each runs ``--warmup`` steps, then ``--steps`` rounds of one step of each framework in
 turn (interleaved, so a shared machine's background load hits all alike; the idle one waits on a pipe). Step times
 are measured inside the worker process. Prints the median step time and images/s of each, the ratio JAX / PyTorch
-of images/s (> 1: JAX is faster), the machine's load average, and both frameworks' step-1 losses (equal up to float
-rounding while the pools are filling, i.e. batch <= pool_size). ``--conv-backend`` picks JAX's CPU convolutions
+of images/s (> 1: JAX is faster) with the median and range of the per-round ratios (:func:`paired_ratios`), the
+machine's load average, and both frameworks' step-1 losses (equal up to float rounding while the pools are
+filling, i.e. batch <= pool_size). ``--conv-backend`` picks JAX's CPU convolutions
 (``config.conv_backend``: auto | onednn | xla), ``--conv-algorithm`` their 3x3 stride-1 algorithm on oneDNN
 (``config.conv_algorithm``: winograd, the default, | direct).
 """
@@ -250,6 +251,18 @@ def run_interleaved(runners, warmup, steps):
   return out
 
 
+def paired_ratios(jax_times, other_times):
+  """Per-round speed ratios other / JAX step time (> 1: JAX faster), for steps taken in the same rounds.
+
+  Each round runs one step of each framework back to back, so a round's ratio sees one background load; their
+  median is steadier than the ratio of medians on a shared machine. Returns (median, min, max).
+  """
+  ratios = sorted(o / j for j, o in zip(jax_times, other_times))
+  if not ratios:
+    raise ValueError("no rounds to compare")
+  return statistics.median(ratios), ratios[0], ratios[-1]
+
+
 def add_problem_arguments(parser):
   """--config, --size, --batch: the networks and batch of the benchmarked step (shared with ``bench convs``)."""
   parser.add_argument("--config", default="quickstart", help="quickstart | paper | FILE.py[:ARG]")
@@ -315,7 +328,10 @@ def main(argv=None):
       if name in timings:
         ratio = timings["jax"]["images_per_s"] / timings[name]["images_per_s"]
         results[f"ratio_jax_over_{name}"] = ratio
-        print(f"ratio JAX / {labels[name]} (images/s): {ratio:.2f}x")
+        median, low, high = paired_ratios(timings["jax"]["times"], timings[name]["times"])
+        results[f"paired_ratio_jax_over_{name}"] = dict(median=median, min=low, max=high)
+        print(f"ratio JAX / {labels[name]} (images/s): {ratio:.2f}x; per round: median {median:.2f}x "
+              f"(range {low:.2f}-{high:.2f}x)")
     if "torch_eager" in timings:
       a, b = timings["jax"]["first_metrics"], timings["torch_eager"]["first_metrics"]
       keys = [k for k in ("total", "gen_total", "d_mr", "teacher_seg", "student_seg", "hint") if k in a and k in b]
