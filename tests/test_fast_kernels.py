@@ -72,6 +72,7 @@ WINOGRAD_CASES = [
     ((1, 13, 11, 8), (3, 3, 8, 24), ((1, 1), (1, 1))),
     ((2, 9, 14, 24), (3, 3, 24, 8), ((2, 2), (2, 2))),
     ((1, 7, 6, 32), (3, 3, 32, 16), ((1, 0), (0, 1))),
+    ((1, 9, 10, 8), (3, 3, 8, 8), ((2, 4), (1, 3))),  # bottom/right padding past 2
 ]
 
 
@@ -128,6 +129,9 @@ THIN_CASES = [
     ((1, 19, 17, 16), (7, 7, 16, 1), 1, ((3, 3), (3, 3))),
     ((2, 16, 18, 1), (4, 4, 1, 8), 2, ((1, 1), (1, 1))),
     ((1, 23, 21, 8), (4, 4, 8, 1), 2, ((2, 2), (2, 2))),
+    # Kernel wider than input + padding, stride 2: a tap that misses every column (review: read past the row).
+    ((1, 2, 2, 1), (4, 4, 1, 8), 2, ((1, 1), (1, 1))),
+    ((1, 2, 2, 8), (4, 4, 8, 1), 2, ((1, 1), (1, 1))),
 ]
 
 
@@ -173,3 +177,12 @@ def test_conv2d_uses_the_algorithm_set_at_trace_time(name, algorithm):
   jax.block_until_ready(loss(params, x))
   keys = onednn.profile_stop()["calls"]
   assert len(keys) == 3 and all(key.endswith(" winograd") == (name == "winograd") for key in keys), keys
+
+
+@needs_onednn
+def test_winograd_kernel_gradient_of_an_empty_batch_is_zero():
+  # A previous call leaves its sums in the library's buffers; an empty batch (no tiles) must not return them.
+  run_kernels((1, 8, 8, 8), (3, 3, 8, 8), 1, ((1, 1), (1, 1)), winograd=True)
+  empty = np.zeros((0, 8, 8, 8), np.float32)
+  dw = onednn.conv_backward_weights(empty, empty, (3, 3, 8, 8), padding=((1, 1), (1, 1)), winograd=True)
+  np.testing.assert_array_equal(np.asarray(dw), 0)

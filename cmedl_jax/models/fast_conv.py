@@ -16,7 +16,8 @@ convolution and both gradients run in oneDNN instead (:mod:`cmedl_jax.models.one
 convolutions on these layers). There, with the default algorithm ``"winograd"`` (:func:`set_algorithm`,
 ``config.conv_algorithm``), 3x3 stride-1 layers with channel counts in multiples of 8 run as Winograd F(4x4, 3x3)
 (2.5-3.5x faster than oneDNN's direct kernels on the paper networks, ~1e-5 relative error; ``"direct"``: oneDNN's
-direct kernels everywhere). The backend and algorithm are read when a function is traced (jitted): set them before.
+direct kernels for them). Layers with one input or output channel always run in the library's own direct kernels.
+The backend and algorithm are read when a function is traced (jitted): set them before.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def set_backend(name: str) -> None:
 
 
 def set_algorithm(name: str) -> None:
-  """oneDNN backend only: "winograd" (F(4x4, 3x3) where it applies, direct elsewhere) or "direct" (everywhere).
+  """oneDNN backend only: "winograd" (F(4x4, 3x3) where it applies, direct elsewhere) or "direct" (oneDNN's).
 
   Takes effect for functions traced afterwards. Raises ValueError for an unknown name.
   """

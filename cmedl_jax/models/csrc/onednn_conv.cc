@@ -187,16 +187,18 @@ ffi::Error Run(Kind kind, const Geometry& g, float* src, float* weights, float* 
       // The forward problem; the input gradient is its flipped-kernel convolution of dy, padded by 2 - padding.
       const cmedl_winograd::Problem forward{g.n, g.h, g.w, g.cin, g.out_h, g.out_w, g.cout, g.pad_top, g.pad_left};
       const int threads = static_cast<int>(g.threads);
+      bool ok;
       if (kind == kForward) {
-        cmedl_winograd::Convolve(src, weights, dst, forward, /*flip=*/false, threads);
+        ok = cmedl_winograd::Convolve(src, weights, dst, forward, /*flip=*/false, threads);
       } else if (kind == kBackwardData) {
         const cmedl_winograd::Problem backward{g.n, g.out_h, g.out_w, g.cout, g.h, g.w, g.cin, 2 - g.pad_top,
                                                2 - g.pad_left};
-        cmedl_winograd::Convolve(dst, weights, src, backward, /*flip=*/true, threads);
+        ok = cmedl_winograd::Convolve(dst, weights, src, backward, /*flip=*/true, threads);
       } else {
-        cmedl_winograd::KernelGradient(src, dst, weights, forward, threads);
+        ok = cmedl_winograd::KernelGradient(src, dst, weights, forward, threads);
       }
-      return ffi::Error::Success();
+      return ok ? ffi::Error::Success()
+                : ffi::Error(ffi::ErrorCode::kInternal, "Winograd convolution: oneDNN's sgemm failed");
     }
     if (g.UsesThin(kind)) {
       const cmedl_thin::Problem p{g.n,    g.h,  g.w,  g.cin,      g.out_h,   g.out_w,

@@ -174,7 +174,8 @@ CMEDL_AVX2 inline void KernelGradientRow(const float* x, const float* dy, float*
     for (int64_t kx = 0; kx < p.kw; ++kx) {
       // Output columns whose tap (ky, kx) falls inside the input row.
       const int64_t lo = std::max<int64_t>(0, (p.pad_left - kx + p.stride - 1) / p.stride);
-      const int64_t hi = std::min<int64_t>(p.out_w, (p.w - 1 + p.pad_left - kx) / p.stride + 1);
+      const int64_t last_start = p.w - 1 + p.pad_left - kx;  // < 0: the tap misses the row in every column
+      const int64_t hi = last_start < 0 ? 0 : std::min<int64_t>(p.out_w, last_start / p.stride + 1);
       for (int64_t c = 0; c < channels; c += 8) {
         __m256 acc[8];
         for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();

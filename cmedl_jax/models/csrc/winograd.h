@@ -298,28 +298,32 @@ CMEDL_AVX2 inline void KernelGradientRow(const float* du, int64_t in, int64_t ou
   }
 }
 
-// Tiles per chunk: V and M of a chunk take at most ~8 MB (last-level cache), at least 2 chunks per thread where
-// the layer has that many tiles (the transforms split a chunk across threads, so this only bounds the cache use).
+// Tiles per chunk: V and M of a chunk take at most ~8 MB (last-level cache), but at least 16 tiles (the transforms
+// split a chunk across threads and the GEMMs run per position, so the chunk size only bounds the cache use).
 inline int64_t ChunkTiles(const Problem& p) {
   const int64_t bytes_per_tile = (int64_t)kPoints * (p.in + p.out) * 4;
   return std::max<int64_t>(16, std::min<int64_t>(p.Tiles(), (8 << 20) / bytes_per_tile));
 }
 
 // 36 GEMMs, one per position: in parallel (each single-threaded) with few threads, one after another (each on all
-// threads) when there are more threads than positions to share.
+// threads) when there are more threads than positions to share. `gemm` returns dnnl_sgemm's status; false if any
+// failed.
 template <typename Gemm>
-void ForEachPoint(int threads, const Gemm& gemm) {
+bool ForEachPoint(int threads, const Gemm& gemm) {
+  bool ok = true;
   if (threads <= kPoints / 2) {
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-    for (int xi = 0; xi < kPoints; ++xi) gemm(xi);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) reduction(&& : ok)
+    for (int xi = 0; xi < kPoints; ++xi) ok = (gemm(xi) == dnnl_success) && ok;
   } else {
-    for (int xi = 0; xi < kPoints; ++xi) gemm(xi);
+    for (int xi = 0; xi < kPoints; ++xi) ok = (gemm(xi) == dnnl_success) && ok;
   }
+  return ok;
 }
 
 // y = conv(x, kernel) (flip = false), or the input gradient's convolution of the output gradient with the flipped,
-// in/out-swapped kernel (flip = true; `kernel` is the forward's HWIO kernel (3, 3, p.out, p.in)).
-inline void Convolve(const float* x, const float* kernel, float* y, const Problem& p, bool flip, int threads) {
+// in/out-swapped kernel (flip = true; `kernel` is the forward's HWIO kernel (3, 3, p.out, p.in)). False if a GEMM
+// failed.
+inline bool Convolve(const float* x, const float* kernel, float* y, const Problem& p, bool flip, int threads) {
   static std::vector<float> u_storage, v_storage, m_storage;
   // U[xi] is (kernel in x kernel out) of the HWIO kernel: (p.in x p.out), or (p.out x p.in) when flipped.
   const int64_t kin = flip ? p.out : p.in, kout = flip ? p.in : p.out;
@@ -333,23 +337,30 @@ inline void Convolve(const float* x, const float* kernel, float* y, const Proble
     const int64_t count = std::min(chunk, tiles - first);
 #pragma omp parallel for num_threads(threads)
     for (int64_t t = 0; t < count; ++t) TransformInputTile(x, p, first + t, t, chunk, v);
-    ForEachPoint(threads, [&](int xi) {
+    const bool ok = ForEachPoint(threads, [&](int xi) {
       const float* vx = v + (size_t)xi * chunk * p.in;
       const float* ux = u + (size_t)xi * kin * kout;
       float* mx = m + (size_t)xi * chunk * p.out;
       // M (count x out) = V (count x in) . U, U stored (in x out), or (out x in) and read transposed.
-      dnnl_sgemm('N', flip ? 'T' : 'N', count, p.out, p.in, 1.f, vx, p.in, ux, flip ? p.in : p.out, 0.f, mx, p.out);
+      return dnnl_sgemm('N', flip ? 'T' : 'N', count, p.out, p.in, 1.f, vx, p.in, ux, flip ? p.in : p.out, 0.f, mx,
+                        p.out);
     });
+    if (!ok) return false;
 #pragma omp parallel for num_threads(threads)
     for (int64_t t = 0; t < count; ++t) TransformOutputTile(m, p, first + t, t, chunk, y);
   }
+  return true;
 }
 
-// dkernel (3, 3, p.in, p.out) of y = conv(x, kernel), given dy (n, out_h, out_w, out).
-inline void KernelGradient(const float* x, const float* dy, float* dkernel, const Problem& p, int threads) {
+// dkernel (3, 3, p.in, p.out) of y = conv(x, kernel), given dy (n, out_h, out_w, out). False if a GEMM failed.
+inline bool KernelGradient(const float* x, const float* dy, float* dkernel, const Problem& p, int threads) {
   static std::vector<float> du_storage, v_storage, m_storage;
-  float* du = Buffer(du_storage, (size_t)kPoints * p.in * p.out);
   const int64_t tiles = p.Tiles(), chunk = ChunkTiles(p);
+  if (tiles == 0) {  // an empty output: no tile ever clears dU
+    std::fill_n(dkernel, (size_t)9 * p.in * p.out, 0.f);
+    return true;
+  }
+  float* du = Buffer(du_storage, (size_t)kPoints * p.in * p.out);
   float* v = Buffer(v_storage, (size_t)kPoints * chunk * p.in);
   float* dm = Buffer(m_storage, (size_t)kPoints * chunk * p.out);
   for (int64_t first = 0; first < tiles; first += chunk) {
@@ -360,14 +371,16 @@ inline void KernelGradient(const float* x, const float* dy, float* dkernel, cons
       TransformGradientTile(dy, p, first + t, t, chunk, dm);
     }
     const float beta = first == 0 ? 0.f : 1.f;
-    ForEachPoint(threads, [&](int xi) {
+    const bool ok = ForEachPoint(threads, [&](int xi) {
       // dU (in x out) += V^T (in x count) . dM (count x out)
-      dnnl_sgemm('T', 'N', p.in, p.out, count, 1.f, v + (size_t)xi * chunk * p.in, p.in,
-                 dm + (size_t)xi * chunk * p.out, p.out, beta, du + (size_t)xi * p.in * p.out, p.out);
+      return dnnl_sgemm('T', 'N', p.in, p.out, count, 1.f, v + (size_t)xi * chunk * p.in, p.in,
+                        dm + (size_t)xi * chunk * p.out, p.out, beta, du + (size_t)xi * p.in * p.out, p.out);
     });
+    if (!ok) return false;
   }
 #pragma omp parallel for num_threads(threads)
   for (int64_t c = 0; c < p.in; ++c) KernelGradientRow(du, p.in, p.out, c, dkernel);
+  return true;
 }
 
 #endif  // CMEDL_WINOGRAD_X86
