@@ -60,8 +60,11 @@ struct Geometry {
   int64_t n, h, w, cin, out_h, out_w, cout, kh, kw, stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right,
       dilation_h, dilation_w, threads, winograd;
 
+  // The oneDNN primitive cache's key; the winograd flag does not change a oneDNN primitive (only whether one runs).
   std::string Key(Kind kind) const {
-    std::string key(reinterpret_cast<const char*>(this), sizeof(*this));
+    Geometry primitive = *this;
+    primitive.winograd = 0;
+    std::string key(reinterpret_cast<const char*>(&primitive), sizeof(primitive));
     key.push_back(kind);
     return key;
   }
