@@ -9,7 +9,7 @@ conv_backend               CPU convolution library: "auto" (oneDNN through XLA's
                            machine, else XLA's own, with a warning), "onednn" (fail if it cannot be built), "xla";
                            GPU/TPU always use XLA's (cmedl_jax.models.onednn, docs/performance.md)
 conv_algorithm             oneDNN backend: "winograd" (3x3 stride-1 layers with channels in multiples of 8 as
-                           Winograd F(4x4, 3x3) on AVX2 CPUs: 2.5-3.5x faster on the paper networks' layers, ~1e-5
+                           Winograd F(4x4, 3x3) on AVX2 CPUs: 2-4x faster on the paper networks' layers, ~1e-5
                            relative error; other layers direct) or "direct" (oneDNN's direct kernels for them)
 init_from.NAME             "" (fresh init) or a cmedl-convert-torch output folder whose weights start network NAME
                            (gen_ct2mr, gen_mr2ct, disc_mr, disc_ct, teacher, student) of a new run; a resumed

@@ -15,7 +15,7 @@ On CPU, with the default backend ``"auto"`` (:func:`set_backend`, ``config.conv_
 convolution and both gradients run in oneDNN instead (:mod:`cmedl_jax.models.onednn`; 1.5-10x faster than XLA:CPU's
 convolutions on these layers). There, with the default algorithm ``"winograd"`` (:func:`set_algorithm`,
 ``config.conv_algorithm``), 3x3 stride-1 layers with channel counts in multiples of 8 run as Winograd F(4x4, 3x3)
-(2.5-3.5x faster than oneDNN's direct kernels on the paper networks, ~1e-5 relative error; ``"direct"``: oneDNN's
+(2-4x faster than oneDNN's direct kernels on the paper networks, ~1e-5 relative error; ``"direct"``: oneDNN's
 direct kernels for them). Layers with one input or output channel always run in the library's own direct kernels.
 The backend and algorithm are read when a function is traced (jitted): set them before.
 """

@@ -19,7 +19,7 @@ OpenMP team per thread (quickstart step: the convolutions' busy time 0.55 -> 0.2
 
 ``winograd=True`` runs 3x3, stride-1, undilated convolutions with channel counts in multiples of 8 (on AVX2 + FMA
 CPUs) as Winograd F(4x4, 3x3) transforms around oneDNN's sgemm (``csrc/winograd.h``): 4x fewer multiplications,
-2.5-3.5x faster than oneDNN's direct kernels on the paper networks' layers, at ~1e-5 relative error (a direct
+2-4x faster than oneDNN's direct kernels on the paper networks' layers, at ~1e-5 relative error (a direct
 float32 convolution: ~1e-6). Other geometries ignore the flag. :func:`winograd_applies` says which.
 """
 

@@ -11,7 +11,7 @@
 // reorder buffers are thread-local, i.e. one set. Optional per-geometry timing: CmedlOnednnProfile* at the end.
 //
 // With the `winograd` attribute set, 3x3 stride-1 convolutions run as Winograd F(4x4, 3x3) instead (winograd.h:
-// 2.5-3.5x faster than oneDNN's direct kernels on AVX2 CPUs, ~1e-5 relative error), on the same executor thread.
+// 2-4x faster than oneDNN's direct kernels on AVX2 CPUs, ~1e-5 relative error), on the same executor thread.
 
 #include <chrono>
 #include <condition_variable>
