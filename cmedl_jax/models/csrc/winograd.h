@@ -15,7 +15,7 @@
 // gradient needs no reduction across threads.
 //
 // Accuracy: the transforms scale values by up to ~100x and back, so results differ from a direct convolution by
-// ~1e-6 to 1e-5 relative to the output's magnitude (tests/test_onednn.py measures it against float64), about 10x
+// ~1e-6 to 1e-5 relative to the output's magnitude (tests/test_fast_kernels.py measures it against float64), ~3-10x
 // a direct float32 convolution's rounding -- what cuDNN's and oneDNN's Winograd kernels also trade for speed.
 //
 // The transforms use AVX2 + FMA (8 channels per vector, function-level target attributes so the rest of the
@@ -63,6 +63,13 @@ struct Problem {
   int64_t TilesH() const { return (out_h + kTile - 1) / kTile; }
   int64_t TilesW() const { return (out_w + kTile - 1) / kTile; }
   int64_t Tiles() const { return n * TilesH() * TilesW(); }
+  // Output tile `tile` (images in order, tiles row-major within one): its image, first output row and column.
+  void TileOrigin(int64_t tile, int64_t* image, int64_t* row, int64_t* col) const {
+    const int64_t per_image = TilesH() * TilesW(), rest = tile % per_image;
+    *image = tile / per_image;
+    *row = (rest / TilesW()) * kTile;
+    *col = (rest % TilesW()) * kTile;
+  }
 };
 
 // Whether these sizes can run here: 3x3 stride-1 undilated kernels, channels in multiples of 8, padding 0..2
@@ -180,9 +187,10 @@ CMEDL_AVX2 inline void TransformKernelRow(const float* kernel, int64_t in, int64
 // V[xi][tile][0..in) for one tile from the input (zero outside it).
 CMEDL_AVX2 inline void TransformInputTile(const float* x, const Problem& p, int64_t tile, int64_t tile_in_chunk,
                                           int64_t chunk, float* v) {
-  const int64_t per_image = p.TilesH() * p.TilesW();
-  const int64_t image = tile / per_image, rest = tile % per_image;
-  const int64_t row0 = (rest / p.TilesW()) * kTile - p.pad_top, col0 = (rest % p.TilesW()) * kTile - p.pad_left;
+  int64_t image, row0, col0;
+  p.TileOrigin(tile, &image, &row0, &col0);
+  row0 -= p.pad_top;  // the input tile starts `pad` rows and columns before the output tile
+  col0 -= p.pad_left;
   const bool inside = row0 >= 0 && col0 >= 0 && row0 + kInput <= p.h && col0 + kInput <= p.w;
   const float* base = x + (size_t)image * p.h * p.w * p.in;
   const size_t plane = (size_t)chunk * p.in;
@@ -218,9 +226,8 @@ CMEDL_AVX2 inline void TransformInputTile(const float* x, const Problem& p, int6
 // y tile from M[xi][tile][0..out), cropped to the output.
 CMEDL_AVX2 inline void TransformOutputTile(const float* m, const Problem& p, int64_t tile, int64_t tile_in_chunk,
                                            int64_t chunk, float* y) {
-  const int64_t per_image = p.TilesH() * p.TilesW();
-  const int64_t image = tile / per_image, rest = tile % per_image;
-  const int64_t row0 = (rest / p.TilesW()) * kTile, col0 = (rest % p.TilesW()) * kTile;
+  int64_t image, row0, col0;
+  p.TileOrigin(tile, &image, &row0, &col0);
   const int rows_here = (int)std::min<int64_t>(kTile, p.out_h - row0);
   const int cols_here = (int)std::min<int64_t>(kTile, p.out_w - col0);
   float* base = y + (size_t)image * p.out_h * p.out_w * p.out;
@@ -248,9 +255,8 @@ CMEDL_AVX2 inline void TransformOutputTile(const float* m, const Problem& p, int
 // (A dy A^T)[xi][tile][0..out) for one tile of the output gradient (zero past the output).
 CMEDL_AVX2 inline void TransformGradientTile(const float* dy, const Problem& p, int64_t tile, int64_t tile_in_chunk,
                                              int64_t chunk, float* dm) {
-  const int64_t per_image = p.TilesH() * p.TilesW();
-  const int64_t image = tile / per_image, rest = tile % per_image;
-  const int64_t row0 = (rest / p.TilesW()) * kTile, col0 = (rest % p.TilesW()) * kTile;
+  int64_t image, row0, col0;
+  p.TileOrigin(tile, &image, &row0, &col0);
   const float* base = dy + (size_t)image * p.out_h * p.out_w * p.out;
   const size_t plane = (size_t)chunk * p.out;
   float* out = dm + (size_t)tile_in_chunk * p.out;
