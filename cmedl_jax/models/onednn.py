@@ -12,9 +12,12 @@ Whether the convolutions use it is :func:`cmedl_jax.models.fast_conv.set_backend
 saying why; ``"onednn"`` raises :class:`OnednnUnavailable` instead; ``"xla"`` never uses it.
 
 All calls of the process (every XLA thread, every CPU device) run one at a time on one executor thread of the
-library, with the process's cores (``OMP_NUM_THREADS`` if set; :func:`threads_per_call`) as OpenMP threads: XLA
-issues independent convolutions concurrently, and run from each XLA thread they oversubscribed the cores with one
-OpenMP team per thread (quickstart step: the convolutions' busy time 0.55 -> 0.29 s per step with the executor).
+library, which shares each call out over the process's cores (``OMP_NUM_THREADS`` if set;
+:func:`threads_per_call`): XLA issues independent convolutions concurrently, and run from each XLA thread they
+oversubscribed the cores with one OpenMP team per thread (quickstart step: the convolutions' busy time 0.55 -> 0.29
+s per step with the executor). The sharing is the library's own thread pool (``csrc/work_pool.h``: helpers join a
+call when they are running, instead of an OpenMP team's barrier), for its own kernels and for oneDNN's, which run as
+single-threaded parts of the batch; a batch smaller than the thread count runs as one oneDNN call with an OpenMP team.
 :func:`profile_start` / :func:`profile_stop` time the calls per geometry (``python -m cmedl_jax.bench convs``).
 
 ``winograd=True`` runs 3x3, stride-1, undilated convolutions with channel counts in multiples of 8 (on AVX2 + FMA
@@ -40,7 +43,8 @@ import jax
 import numpy as np
 
 SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "onednn_conv.cc")
-HEADERS = tuple(os.path.join(os.path.dirname(__file__), "csrc", name) for name in ("winograd.h", "thin_conv.h"))
+HEADERS = tuple(os.path.join(os.path.dirname(__file__), "csrc", name)
+                for name in ("winograd.h", "thin_conv.h", "work_pool.h"))
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "cmedl_jax", "onednn")
 _TARGETS = {"forward": "CmedlOnednnConvForward", "backward_data": "CmedlOnednnConvBackwardData",
             "backward_weights": "CmedlOnednnConvBackwardWeights"}
@@ -176,7 +180,10 @@ def unavailable_reason() -> str:
 
 
 def threads_per_call() -> int:
-  """OpenMP threads per convolution: this process's cores ($OMP_NUM_THREADS if set); calls run one at a time."""
+  """Threads per convolution (the library's pool, or an OpenMP team): this process's cores ($OMP_NUM_THREADS if set).
+
+  Calls run one at a time; the count is read when a call is traced.
+  """
   try:
     cores = int(os.environ.get("OMP_NUM_THREADS", "0")) or len(os.sched_getaffinity(0))
   except (ValueError, AttributeError):

@@ -7,8 +7,11 @@
 //
 // Primitives are created once per geometry and thread count, and cached (creation costs far more than a small
 // convolution). All calls of the process, from every XLA thread and CPU device, run one at a time on one executor
-// thread (below) with `threads` OpenMP threads (the caller passes the process's cores); its scratchpad and
-// reorder buffers are thread-local, i.e. one set. Optional per-geometry timing: CmedlOnednnProfile* at the end.
+// thread (below), which shares each call out over `threads` threads (the caller passes the process's cores) with
+// the pool of work_pool.h: the library's kernels split their loops, oneDNN's run as single-threaded primitives on
+// parts of the batch (RunOnednn); a batch smaller than `threads` runs as one primitive with an OpenMP team.
+// Scratchpad and reorder buffers are thread-local: one set on the executor and one per pool helper. Optional
+// per-geometry timing: CmedlOnednnProfile* at the end.
 //
 // With the `winograd` attribute set, 3x3 stride-1 convolutions run as Winograd F(4x4, 3x3) instead (winograd.h:
 // 2-4x faster than oneDNN's direct kernels on AVX2 CPUs, ~1e-5 relative error), on the same executor thread.
@@ -38,6 +41,7 @@
 #include "oneapi/dnnl/dnnl.hpp"
 #include "thin_conv.h"
 #include "winograd.h"
+#include "work_pool.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -90,26 +94,60 @@ struct Geometry {
   }
 };
 
-struct CachedPrimitive {
-  dnnl::primitive primitive;
-  memory::desc weights;  // the primitive's kernel layout
-  memory::desc scratchpad;
-  bool needs_reorder = false;
-  dnnl::reorder weights_reorder;  // HWIO -> weights (forward, data gradient) or weights -> HWIO (kernel gradient)
-  // Kernel gradient only: the primitive's input and output-gradient layouts and the reorders from NHWC.
-  memory::desc src, dst;
-  bool reorder_src = false, reorder_dst = false;
-  dnnl::reorder src_reorder, dst_reorder;
-};
+// A growable 64-byte aligned thread-local buffer (scratchpad, reordered kernel).
+class AlignedBuffer {
+ public:
+  void* Get(size_t bytes) {
+    if (storage_.size() < bytes + 64) storage_.resize(bytes + 64);
+    auto address = reinterpret_cast<uintptr_t>(storage_.data());
+    return reinterpret_cast<void*>((address + 63) & ~uintptr_t{63});
+  }
 
-std::mutex cache_mutex;
-std::unordered_map<std::string, std::shared_ptr<CachedPrimitive>> cache;
+ private:
+  std::vector<char> storage_;
+};
 
 dnnl::primitive_attr UserScratchpad() {
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   return attr;
 }
+
+// A layout reorder with a user scratchpad (thread-local): like the convolutions, one reorder may run on several
+// pool threads at once (parts of a batch), which oneDNN allows only for primitives without a library scratchpad.
+struct Reorder {
+  Reorder() = default;
+  Reorder(const memory::desc& from, const memory::desc& to) {
+    dnnl::reorder::primitive_desc pd(Engine(), from, Engine(), to, UserScratchpad());
+    primitive = dnnl::reorder(pd);
+    scratchpad = pd.scratchpad_desc();
+  }
+  void Run(dnnl::stream& stream, memory& from, memory& to) const {
+    std::unordered_map<int, memory> args{{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to}};
+    if (scratchpad.get_size() > 0) {
+      thread_local AlignedBuffer buffer;
+      args.insert({DNNL_ARG_SCRATCHPAD, memory(scratchpad, Engine(), buffer.Get(scratchpad.get_size()))});
+    }
+    primitive.execute(stream, args);
+  }
+  dnnl::reorder primitive;
+  memory::desc scratchpad;
+};
+
+struct CachedPrimitive {
+  dnnl::primitive primitive;
+  memory::desc weights;  // the primitive's kernel layout
+  memory::desc scratchpad;
+  bool needs_reorder = false;
+  Reorder weights_reorder;  // HWIO -> weights (forward, data gradient) or weights -> HWIO (kernel gradient)
+  // Kernel gradient only: the primitive's input and output-gradient layouts and the reorders from NHWC.
+  memory::desc src, dst;
+  bool reorder_src = false, reorder_dst = false;
+  Reorder src_reorder, dst_reorder;
+};
+
+std::mutex cache_mutex;
+std::unordered_map<std::string, std::shared_ptr<CachedPrimitive>> cache;
 
 std::shared_ptr<CachedPrimitive> Lookup(const Geometry& g, Kind kind) {
   const std::string key = g.Key(kind);
@@ -150,40 +188,118 @@ std::shared_ptr<CachedPrimitive> Lookup(const Geometry& g, Kind kind) {
     entry->reorder_src = !(entry->src == g.Src());
     entry->reorder_dst = !(entry->dst == g.Dst());
     if (entry->reorder_src) {
-      entry->src_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), g.Src(), Engine(), entry->src));
+      entry->src_reorder = Reorder(g.Src(), entry->src);
     }
     if (entry->reorder_dst) {
-      entry->dst_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), g.Dst(), Engine(), entry->dst));
+      entry->dst_reorder = Reorder(g.Dst(), entry->dst);
     }
   }
   entry->needs_reorder = !(entry->weights == g.HwioWeights());
   if (entry->needs_reorder) {
     const memory::desc from = kind == kBackwardWeights ? entry->weights : g.HwioWeights();
     const memory::desc to = kind == kBackwardWeights ? g.HwioWeights() : entry->weights;
-    entry->weights_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), from, Engine(), to));
+    entry->weights_reorder = Reorder(from, to);
   }
   std::lock_guard<std::mutex> lock(cache_mutex);
   return cache.emplace(key, entry).first->second;
 }
 
-// A growable 64-byte aligned thread-local buffer (scratchpad, reordered kernel).
-class AlignedBuffer {
- public:
-  void* Get(size_t bytes) {
-    if (storage_.size() < bytes + 64) storage_.resize(bytes + 64);
-    auto address = reinterpret_cast<uintptr_t>(storage_.data());
-    return reinterpret_cast<void*>((address + 63) & ~uintptr_t{63});
-  }
 
- private:
-  std::vector<char> storage_;
-};
+// One oneDNN primitive call of geometry g (its own OpenMP thread count: the caller's). kForward: src -> dst.
+// kBackwardData: dst (output gradient) -> src (input gradient). kBackwardWeights: src, dst -> weights (kernel
+// gradient). Throws (dnnl::error, std::bad_alloc).
+void RunPrimitive(Kind kind, const Geometry& g, float* src, float* weights, float* dst) {
+  auto entry = Lookup(g, kind);
+  thread_local dnnl::stream stream(Engine());
+  thread_local AlignedBuffer scratch_buffer, weights_buffer;
+  memory src_mem(g.Src(), Engine(), src), dst_mem(g.Dst(), Engine(), dst);
+  memory hwio(g.HwioWeights(), Engine(), weights);
+  memory kernel = hwio;
+  if (entry->needs_reorder) {
+    kernel = memory(entry->weights, Engine(), weights_buffer.Get(entry->weights.get_size()));
+  }
+  memory scratchpad(entry->scratchpad, Engine(), scratch_buffer.Get(entry->scratchpad.get_size()));
+  if (kind == kForward) {
+    if (entry->needs_reorder) entry->weights_reorder.Run(stream, hwio, kernel);
+    entry->primitive.execute(stream, {{DNNL_ARG_SRC, src_mem}, {DNNL_ARG_WEIGHTS, kernel},
+                                      {DNNL_ARG_DST, dst_mem}, {DNNL_ARG_SCRATCHPAD, scratchpad}});
+  } else if (kind == kBackwardData) {
+    if (entry->needs_reorder) entry->weights_reorder.Run(stream, hwio, kernel);
+    entry->primitive.execute(stream, {{DNNL_ARG_DIFF_SRC, src_mem}, {DNNL_ARG_WEIGHTS, kernel},
+                                      {DNNL_ARG_DIFF_DST, dst_mem}, {DNNL_ARG_SCRATCHPAD, scratchpad}});
+  } else {
+    thread_local AlignedBuffer src_buffer, dst_buffer;
+    memory src_in = src_mem, dst_in = dst_mem;
+    if (entry->reorder_src) {
+      src_in = memory(entry->src, Engine(), src_buffer.Get(entry->src.get_size()));
+      entry->src_reorder.Run(stream, src_mem, src_in);
+    }
+    if (entry->reorder_dst) {
+      dst_in = memory(entry->dst, Engine(), dst_buffer.Get(entry->dst.get_size()));
+      entry->dst_reorder.Run(stream, dst_mem, dst_in);
+    }
+    entry->primitive.execute(stream, {{DNNL_ARG_SRC, src_in}, {DNNL_ARG_DIFF_WEIGHTS, kernel},
+                                      {DNNL_ARG_DIFF_DST, dst_in}, {DNNL_ARG_SCRATCHPAD, scratchpad}});
+    if (entry->needs_reorder) entry->weights_reorder.Run(stream, kernel, hwio);
+  }
+  stream.wait();
+}
+
+// oneDNN's kernels on the pool: the batch split into up to 2 parts per thread (kernel gradients: 1), each part a
+// single-threaded primitive (its kernel gradient a partial sum, added at the end). A batch smaller than the thread
+// count runs as one call with an OpenMP team.
+void RunOnednn(Kind kind, const Geometry& g, float* src, float* weights, float* dst) {
+  const int threads = static_cast<int>(g.threads);
+  // Up to 2 parts per thread balance late helpers; kernel gradients: one per thread (each part is a whole kernel).
+  const int64_t parts = std::min<int64_t>(g.n, (kind == kBackwardWeights ? 1 : 2) * threads);
+  if (threads <= 1 || g.n < threads) {
+    omp_set_num_threads(threads);
+    RunPrimitive(kind, g, src, weights, dst);
+    return;
+  }
+  omp_set_num_threads(1);
+  const int64_t src_image = g.h * g.w * g.cin, dst_image = g.out_h * g.out_w * g.cout;
+  const int64_t kernel_size = g.kh * g.kw * g.cin * g.cout;
+  static std::vector<float> partial_storage;  // the executor's
+  float* partial = nullptr;
+  if (kind == kBackwardWeights) {
+    partial_storage.resize((size_t)(parts - 1) * kernel_size);
+    partial = partial_storage.data();
+  }
+  std::mutex error_mutex;
+  std::exception_ptr error;
+  cmedl_pool::ParallelFor(parts, threads, [&](int64_t begin, int64_t end, int) {
+    for (int64_t part = begin; part < end; ++part) {
+      const int64_t first = g.n * part / parts, count = g.n * (part + 1) / parts - first;
+      Geometry piece = g;
+      piece.n = count;
+      piece.threads = 1;
+      float* piece_weights = kind == kBackwardWeights && part > 0 ? partial + (part - 1) * kernel_size : weights;
+      try {
+        RunPrimitive(kind, piece, src + first * src_image, piece_weights, dst + first * dst_image);
+      } catch (...) {  // rethrown on this thread below (dnnl::error, bad_alloc)
+        std::lock_guard<std::mutex> lock(error_mutex);
+        if (!error) error = std::current_exception();
+      }
+    }
+  });
+  if (error) std::rethrow_exception(error);
+  if (kind == kBackwardWeights) {
+    cmedl_pool::ParallelFor(kernel_size, threads, [&](int64_t begin, int64_t end, int) {
+      for (int64_t part = 1; part < parts; ++part) {
+        const float* from = partial + (part - 1) * kernel_size;
+        for (int64_t i = begin; i < end; ++i) weights[i] += from[i];
+      }
+    });
+  }
+}
 
 // kForward: src -> dst. kBackwardData: dst (output gradient) -> src (input gradient). kBackwardWeights: src, dst
 // -> weights (kernel gradient).
 ffi::Error Run(Kind kind, const Geometry& g, float* src, float* weights, float* dst) {
-  // oneDNN sizes its work split by the calling thread's OpenMP thread count, at creation and at execution.
-  omp_set_num_threads(static_cast<int>(g.threads));
+  // The library's kernels share their work out on the pool (work_pool.h); their oneDNN sgemm calls run
+  // single-threaded unless winograd.h asks for a team.
+  omp_set_num_threads(1);
   try {
 #if CMEDL_WINOGRAD_X86
     if (g.UsesWinograd()) {
@@ -217,40 +333,7 @@ ffi::Error Run(Kind kind, const Geometry& g, float* src, float* weights, float* 
       return ffi::Error::Success();
     }
 #endif
-    auto entry = Lookup(g, kind);
-    thread_local dnnl::stream stream(Engine());
-    thread_local AlignedBuffer scratch_buffer, weights_buffer;
-    memory src_mem(g.Src(), Engine(), src), dst_mem(g.Dst(), Engine(), dst);
-    memory hwio(g.HwioWeights(), Engine(), weights);
-    memory kernel = hwio;
-    if (entry->needs_reorder) {
-      kernel = memory(entry->weights, Engine(), weights_buffer.Get(entry->weights.get_size()));
-    }
-    memory scratchpad(entry->scratchpad, Engine(), scratch_buffer.Get(entry->scratchpad.get_size()));
-    if (kind == kForward) {
-      if (entry->needs_reorder) entry->weights_reorder.execute(stream, hwio, kernel);
-      entry->primitive.execute(stream, {{DNNL_ARG_SRC, src_mem}, {DNNL_ARG_WEIGHTS, kernel},
-                                        {DNNL_ARG_DST, dst_mem}, {DNNL_ARG_SCRATCHPAD, scratchpad}});
-    } else if (kind == kBackwardData) {
-      if (entry->needs_reorder) entry->weights_reorder.execute(stream, hwio, kernel);
-      entry->primitive.execute(stream, {{DNNL_ARG_DIFF_SRC, src_mem}, {DNNL_ARG_WEIGHTS, kernel},
-                                        {DNNL_ARG_DIFF_DST, dst_mem}, {DNNL_ARG_SCRATCHPAD, scratchpad}});
-    } else {
-      thread_local AlignedBuffer src_buffer, dst_buffer;
-      memory src_in = src_mem, dst_in = dst_mem;
-      if (entry->reorder_src) {
-        src_in = memory(entry->src, Engine(), src_buffer.Get(entry->src.get_size()));
-        entry->src_reorder.execute(stream, src_mem, src_in);
-      }
-      if (entry->reorder_dst) {
-        dst_in = memory(entry->dst, Engine(), dst_buffer.Get(entry->dst.get_size()));
-        entry->dst_reorder.execute(stream, dst_mem, dst_in);
-      }
-      entry->primitive.execute(stream, {{DNNL_ARG_SRC, src_in}, {DNNL_ARG_DIFF_WEIGHTS, kernel},
-                                        {DNNL_ARG_DIFF_DST, dst_in}, {DNNL_ARG_SCRATCHPAD, scratchpad}});
-      if (entry->needs_reorder) entry->weights_reorder.execute(stream, kernel, hwio);
-    }
-    stream.wait();
+    RunOnednn(kind, g, src, weights, dst);
   } catch (const dnnl::error& e) {
     return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN convolution failed: ") + e.what());
   } catch (const std::bad_alloc&) {
@@ -261,7 +344,7 @@ ffi::Error Run(Kind kind, const Geometry& g, float* src, float* weights, float* 
   return ffi::Error::Success();
 }
 
-// Every call runs on this one thread and its one OpenMP team, one call at a time, while the XLA thread that issued
+// Every call runs on this one thread (and the pool's helpers), one call at a time, while the XLA thread that issued
 // it waits. XLA issues independent convolutions from several of its threads at once; run there, each call would
 // start an OpenMP team of its own (cores^2 threads in all) and the concurrent teams oversubscribe the cores
 // (measured, quickstart step: the convolutions' busy time 0.55 -> 0.29 s per step with this executor).

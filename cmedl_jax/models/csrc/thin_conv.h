@@ -18,8 +18,6 @@
 #include <cstdint>
 #include <vector>
 
-#include <omp.h>
-
 #include "winograd.h"  // CMEDL_AVX2, CMEDL_WINOGRAD_X86, Supported(), Buffer()
 
 namespace cmedl_thin {
@@ -208,14 +206,13 @@ CMEDL_AVX2 inline void KernelGradientRow(const float* x, const float* dy, float*
 // y = conv(x, w): the reduce form when p.out == 1, else the broadcast form. w: (kh, kw, max(in, out)).
 inline void Forward(const float* x, const float* w, float* y, const Problem& p, int threads) {
   const bool reduce = p.out == 1;
-#pragma omp parallel for schedule(dynamic, 4) num_threads(threads)
-  for (int64_t r = 0; r < p.n * p.out_h; ++r) {
+  cmedl_winograd::ForEach(p.n * p.out_h, threads, [&](int64_t r) {
     if (reduce) {
       ReduceRow(x, w, y, p, r / p.out_h, r % p.out_h);
     } else {
       BroadcastRow(x, w, y, p, r / p.out_h, r % p.out_h);
     }
-  }
+  });
 }
 
 // The input gradient (n, h, w, in) of y = conv(x, kernel), stride 1: the other form applied to dy with the flipped
@@ -241,12 +238,10 @@ inline void KernelGradient(const float* x, const float* dy, float* dw, const Pro
   const size_t size = (size_t)p.kh * p.kw * std::max(p.in, p.out);
   float* partial = cmedl_winograd::Buffer(storage, size * threads);
   std::fill_n(partial, size * threads, 0.f);
-#pragma omp parallel num_threads(threads)
-  {
-    float* mine = partial + size * omp_get_thread_num();
-#pragma omp for schedule(dynamic, 4)
-    for (int64_t r = 0; r < p.n * p.out_h; ++r) KernelGradientRow(x, dy, mine, p, r / p.out_h, r % p.out_h);
-  }
+  cmedl_pool::ParallelFor(p.n * p.out_h, threads, [&](int64_t begin, int64_t end, int worker) {
+    float* mine = partial + size * worker;
+    for (int64_t r = begin; r < end; ++r) KernelGradientRow(x, dy, mine, p, r / p.out_h, r % p.out_h);
+  });
   std::fill_n(dw, size, 0.f);
   for (int t = 0; t < threads; ++t) {
     for (size_t i = 0; i < size; ++i) dw[i] += partial[size * t + i];

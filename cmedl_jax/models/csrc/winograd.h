@@ -24,13 +24,16 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
+
 #include <omp.h>
 
 #include "oneapi/dnnl/dnnl.h"
+#include "work_pool.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -312,18 +315,33 @@ inline int64_t ChunkTiles(const Problem& p) {
 }
 
 // 36 GEMMs, one per position: in parallel (each single-threaded) with few threads, one after another (each on all
-// threads) when there are more threads than positions to share. `gemm` returns dnnl_sgemm's status; false if any
-// failed.
+// threads, an OpenMP team) when there are more threads than positions to share. `gemm` returns dnnl_sgemm's status;
+// false if any failed. The caller runs with one OpenMP thread (onednn_conv.cc's Run).
 template <typename Gemm>
 bool ForEachPoint(int threads, const Gemm& gemm) {
-  bool ok = true;
+  std::atomic<bool> ok{true};
   if (threads <= kPoints / 2) {
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) reduction(&& : ok)
-    for (int xi = 0; xi < kPoints; ++xi) ok = (gemm(xi) == dnnl_success) && ok;
+    cmedl_pool::ParallelFor(kPoints, threads, [&](int64_t begin, int64_t end, int) {
+      for (int64_t xi = begin; xi < end; ++xi) {
+        if (gemm(static_cast<int>(xi)) != dnnl_success) ok = false;
+      }
+    });
   } else {
-    for (int xi = 0; xi < kPoints; ++xi) ok = (gemm(xi) == dnnl_success) && ok;
+    omp_set_num_threads(threads);
+    for (int xi = 0; xi < kPoints; ++xi) {
+      if (gemm(xi) != dnnl_success) ok = false;
+    }
+    omp_set_num_threads(1);
   }
   return ok;
+}
+
+// Runs f(i) for i in [0, n) on `threads` threads of the pool.
+template <typename F>
+void ForEach(int64_t n, int threads, const F& f) {
+  cmedl_pool::ParallelFor(n, threads, [&](int64_t begin, int64_t end, int) {
+    for (int64_t i = begin; i < end; ++i) f(i);
+  });
 }
 
 // y = conv(x, kernel) (flip = false), or the input gradient's convolution of the output gradient with the flipped,
@@ -334,15 +352,13 @@ inline bool Convolve(const float* x, const float* kernel, float* y, const Proble
   // U[xi] is (kernel in x kernel out) of the HWIO kernel: (p.in x p.out), or (p.out x p.in) when flipped.
   const int64_t kin = flip ? p.out : p.in, kout = flip ? p.in : p.out;
   float* u = Buffer(u_storage, (size_t)kPoints * kin * kout);
-#pragma omp parallel for num_threads(threads)
-  for (int64_t c = 0; c < kin; ++c) TransformKernelRow(kernel, kin, kout, c, flip, u);
+  ForEach(kin, threads, [&](int64_t c) { TransformKernelRow(kernel, kin, kout, c, flip, u); });
   const int64_t tiles = p.Tiles(), chunk = ChunkTiles(p);
   float* v = Buffer(v_storage, (size_t)kPoints * chunk * p.in);
   float* m = Buffer(m_storage, (size_t)kPoints * chunk * p.out);
   for (int64_t first = 0; first < tiles; first += chunk) {
     const int64_t count = std::min(chunk, tiles - first);
-#pragma omp parallel for num_threads(threads)
-    for (int64_t t = 0; t < count; ++t) TransformInputTile(x, p, first + t, t, chunk, v);
+    ForEach(count, threads, [&](int64_t t) { TransformInputTile(x, p, first + t, t, chunk, v); });
     const bool ok = ForEachPoint(threads, [&](int xi) {
       const float* vx = v + (size_t)xi * chunk * p.in;
       const float* ux = u + (size_t)xi * kin * kout;
@@ -352,8 +368,7 @@ inline bool Convolve(const float* x, const float* kernel, float* y, const Proble
                         p.out);
     });
     if (!ok) return false;
-#pragma omp parallel for num_threads(threads)
-    for (int64_t t = 0; t < count; ++t) TransformOutputTile(m, p, first + t, t, chunk, y);
+    ForEach(count, threads, [&](int64_t t) { TransformOutputTile(m, p, first + t, t, chunk, y); });
   }
   return true;
 }
@@ -371,11 +386,10 @@ inline bool KernelGradient(const float* x, const float* dy, float* dkernel, cons
   float* dm = Buffer(m_storage, (size_t)kPoints * chunk * p.out);
   for (int64_t first = 0; first < tiles; first += chunk) {
     const int64_t count = std::min(chunk, tiles - first);
-#pragma omp parallel for num_threads(threads)
-    for (int64_t t = 0; t < count; ++t) {
+    ForEach(count, threads, [&](int64_t t) {
       TransformInputTile(x, p, first + t, t, chunk, v);
       TransformGradientTile(dy, p, first + t, t, chunk, dm);
-    }
+    });
     const float beta = first == 0 ? 0.f : 1.f;
     const bool ok = ForEachPoint(threads, [&](int xi) {
       // dU (in x out) += V^T (in x count) . dM (count x out)
@@ -384,8 +398,7 @@ inline bool KernelGradient(const float* x, const float* dy, float* dkernel, cons
     });
     if (!ok) return false;
   }
-#pragma omp parallel for num_threads(threads)
-  for (int64_t c = 0; c < p.in; ++c) KernelGradientRow(du, p.in, p.out, c, dkernel);
+  ForEach(p.in, threads, [&](int64_t c) { KernelGradientRow(du, p.in, p.out, c, dkernel); });
   return true;
 }
 
