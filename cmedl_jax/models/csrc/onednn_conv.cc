@@ -204,7 +204,6 @@ std::shared_ptr<CachedPrimitive> Lookup(const Geometry& g, Kind kind) {
   return cache.emplace(key, entry).first->second;
 }
 
-
 // One oneDNN primitive call of geometry g (its own OpenMP thread count: the caller's). kForward: src -> dst.
 // kBackwardData: dst (output gradient) -> src (input gradient). kBackwardWeights: src, dst -> weights (kernel
 // gradient). Throws (dnnl::error, std::bad_alloc).
@@ -266,24 +265,15 @@ void RunOnednn(Kind kind, const Geometry& g, float* src, float* weights, float* 
     partial_storage.resize((size_t)(parts - 1) * kernel_size);
     partial = partial_storage.data();
   }
-  std::mutex error_mutex;
-  std::exception_ptr error;
-  cmedl_pool::ParallelFor(parts, threads, [&](int64_t begin, int64_t end, int) {
-    for (int64_t part = begin; part < end; ++part) {
-      const int64_t first = g.n * part / parts, count = g.n * (part + 1) / parts - first;
-      Geometry piece = g;
-      piece.n = count;
-      piece.threads = 1;
-      float* piece_weights = kind == kBackwardWeights && part > 0 ? partial + (part - 1) * kernel_size : weights;
-      try {
-        RunPrimitive(kind, piece, src + first * src_image, piece_weights, dst + first * dst_image);
-      } catch (...) {  // rethrown on this thread below (dnnl::error, bad_alloc)
-        std::lock_guard<std::mutex> lock(error_mutex);
-        if (!error) error = std::current_exception();
-      }
-    }
+  // A part's exception (dnnl::error, bad_alloc) is rethrown here by the pool, after the other parts finished.
+  cmedl_pool::ForEach(parts, threads, [&](int64_t part) {
+    const int64_t first = g.n * part / parts, count = g.n * (part + 1) / parts - first;
+    Geometry piece = g;
+    piece.n = count;
+    piece.threads = 1;
+    float* piece_weights = kind == kBackwardWeights && part > 0 ? partial + (part - 1) * kernel_size : weights;
+    RunPrimitive(kind, piece, src + first * src_image, piece_weights, dst + first * dst_image);
   });
-  if (error) std::rethrow_exception(error);
   if (kind == kBackwardWeights) {
     cmedl_pool::ParallelFor(kernel_size, threads, [&](int64_t begin, int64_t end, int) {
       for (int64_t part = 1; part < parts; ++part) {

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "winograd.h"  // CMEDL_AVX2, CMEDL_WINOGRAD_X86, Supported(), Buffer()
+#include "work_pool.h"
 
 namespace cmedl_thin {
 
@@ -206,7 +207,7 @@ CMEDL_AVX2 inline void KernelGradientRow(const float* x, const float* dy, float*
 // y = conv(x, w): the reduce form when p.out == 1, else the broadcast form. w: (kh, kw, max(in, out)).
 inline void Forward(const float* x, const float* w, float* y, const Problem& p, int threads) {
   const bool reduce = p.out == 1;
-  cmedl_winograd::ForEach(p.n * p.out_h, threads, [&](int64_t r) {
+  cmedl_pool::ForEach(p.n * p.out_h, threads, [&](int64_t r) {
     if (reduce) {
       ReduceRow(x, w, y, p, r / p.out_h, r % p.out_h);
     } else {

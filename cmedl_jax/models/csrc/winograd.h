@@ -29,7 +29,6 @@
 #include <cstring>
 #include <vector>
 
-
 #include <omp.h>
 
 #include "oneapi/dnnl/dnnl.h"
@@ -336,14 +335,6 @@ bool ForEachPoint(int threads, const Gemm& gemm) {
   return ok;
 }
 
-// Runs f(i) for i in [0, n) on `threads` threads of the pool.
-template <typename F>
-void ForEach(int64_t n, int threads, const F& f) {
-  cmedl_pool::ParallelFor(n, threads, [&](int64_t begin, int64_t end, int) {
-    for (int64_t i = begin; i < end; ++i) f(i);
-  });
-}
-
 // y = conv(x, kernel) (flip = false), or the input gradient's convolution of the output gradient with the flipped,
 // in/out-swapped kernel (flip = true; `kernel` is the forward's HWIO kernel (3, 3, p.out, p.in)). False if a GEMM
 // failed.
@@ -352,13 +343,13 @@ inline bool Convolve(const float* x, const float* kernel, float* y, const Proble
   // U[xi] is (kernel in x kernel out) of the HWIO kernel: (p.in x p.out), or (p.out x p.in) when flipped.
   const int64_t kin = flip ? p.out : p.in, kout = flip ? p.in : p.out;
   float* u = Buffer(u_storage, (size_t)kPoints * kin * kout);
-  ForEach(kin, threads, [&](int64_t c) { TransformKernelRow(kernel, kin, kout, c, flip, u); });
+  cmedl_pool::ForEach(kin, threads, [&](int64_t c) { TransformKernelRow(kernel, kin, kout, c, flip, u); });
   const int64_t tiles = p.Tiles(), chunk = ChunkTiles(p);
   float* v = Buffer(v_storage, (size_t)kPoints * chunk * p.in);
   float* m = Buffer(m_storage, (size_t)kPoints * chunk * p.out);
   for (int64_t first = 0; first < tiles; first += chunk) {
     const int64_t count = std::min(chunk, tiles - first);
-    ForEach(count, threads, [&](int64_t t) { TransformInputTile(x, p, first + t, t, chunk, v); });
+    cmedl_pool::ForEach(count, threads, [&](int64_t t) { TransformInputTile(x, p, first + t, t, chunk, v); });
     const bool ok = ForEachPoint(threads, [&](int xi) {
       const float* vx = v + (size_t)xi * chunk * p.in;
       const float* ux = u + (size_t)xi * kin * kout;
@@ -368,7 +359,7 @@ inline bool Convolve(const float* x, const float* kernel, float* y, const Proble
                         p.out);
     });
     if (!ok) return false;
-    ForEach(count, threads, [&](int64_t t) { TransformOutputTile(m, p, first + t, t, chunk, y); });
+    cmedl_pool::ForEach(count, threads, [&](int64_t t) { TransformOutputTile(m, p, first + t, t, chunk, y); });
   }
   return true;
 }
@@ -386,7 +377,7 @@ inline bool KernelGradient(const float* x, const float* dy, float* dkernel, cons
   float* dm = Buffer(m_storage, (size_t)kPoints * chunk * p.out);
   for (int64_t first = 0; first < tiles; first += chunk) {
     const int64_t count = std::min(chunk, tiles - first);
-    ForEach(count, threads, [&](int64_t t) {
+    cmedl_pool::ForEach(count, threads, [&](int64_t t) {
       TransformInputTile(x, p, first + t, t, chunk, v);
       TransformGradientTile(dy, p, first + t, t, chunk, dm);
     });
@@ -398,7 +389,7 @@ inline bool KernelGradient(const float* x, const float* dy, float* dkernel, cons
     });
     if (!ok) return false;
   }
-  ForEach(p.in, threads, [&](int64_t c) { KernelGradientRow(du, p.in, p.out, c, dkernel); });
+  cmedl_pool::ForEach(p.in, threads, [&](int64_t c) { KernelGradientRow(du, p.in, p.out, c, dkernel); });
   return true;
 }
 

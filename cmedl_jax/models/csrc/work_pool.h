@@ -171,4 +171,12 @@ class Pool {
 // Runs body over [0, n) with `threads` threads (see Pool::For).
 inline void ParallelFor(int64_t n, int threads, const Body& body) { Pool::Get().For(n, threads, body); }
 
+// Runs f(i) for i in [0, n) with `threads` threads (see Pool::For).
+template <typename F>
+void ForEach(int64_t n, int threads, const F& f) {
+  ParallelFor(n, threads, [&](int64_t begin, int64_t end, int) {
+    for (int64_t i = begin; i < end; ++i) f(i);
+  });
+}
+
 }  // namespace cmedl_pool
