@@ -13,7 +13,8 @@ the later layer forms of docs/performance.md, same seeds: DSC 0.52 +- 0.20, sDSC
 minutes with the install; with the Winograd 3x3 convolutions (conv_algorithm, numerically ~1e-6 off the direct
 ones, so the run takes another trajectory): DSC 0.46 +- 0.30, sDSC@2mm 0.50, HD95 20 mm, in 4.1 minutes; with the
 library's thread pool (oneDNN's kernel gradients summed over batch parts: another float trajectory again), on a
-clean clone: DSC 0.48 +- 0.24, sDSC@2mm 0.55, HD95 20 mm, in 3.2 minutes with the install;
+clean clone: DSC 0.48 +- 0.24 and 0.53 +- 0.18 in two runs, sDSC@2mm 0.55-0.58, HD95 20-21 mm, in 2.6-3.2
+minutes with the install -- runs differ in float rounding, the one-channel kernel gradients adding per-thread sums;
 docs/RESULTS.md has 3 seeds x 8 held-out cases of this config); continuing to 1200 steps
 (--config.train.total_steps=1200) removed the false positives (HD95 13 mm, DSC 0.32). Tumors inside the lung are
 segmented almost perfectly (per-lesion DSC 0.99 in lesions.csv); the low-contrast tumors abutting the mediastinum
