@@ -1,14 +1,16 @@
-"""Default configuration of a CMEDL run (DESIGN.md defaults); ``configs/*.py`` start from :func:`base_config`.
+"""Default configuration of a CMEDL run (docs/design.md defaults); ``configs/*.py`` start from :func:`base_config`.
 
 Every field, with its default and meaning:
 
 method                     "cmedl" | "ct_only" | "pmri_only" | "ct_pmri_concat"
 translator                 "cyclegan" | "cut" (unused by ct_only)
 seed                       model init / train randomness; the data stream uses data.seed
-conv_backend               CPU convolution library: "auto" (oneDNN through XLA's FFI when it can be built on this
-                           machine, else XLA's own, with a warning), "onednn" (fail if it cannot be built), "xla";
-                           GPU/TPU always use XLA's (cmedl_jax.models.onednn, docs/performance.md)
-conv_algorithm             oneDNN backend: "winograd" (3x3 stride-1 layers with channels in multiples of 8 as
+conv_backend               the CPU form of the convolutions and pooling (cmedl_jax.ops, docs/performance.md):
+                           "auto" (the library's kernels through XLA's FFI when it can be built on this machine,
+                           else "xla", with a warning), "onednn" (fail if it cannot be built), "xla" (XLA:CPU's
+                           fast forms), "plain" (lax.conv_general_dilated / reduce_window and JAX's autodiff, as
+                           on GPU/TPU); all are bitwise reproducible. GPU/TPU programs always hold the plain form
+conv_algorithm             "onednn" kernels: "winograd" (3x3 stride-1 layers with channels in multiples of 8 as
                            Winograd F(4x4, 3x3) on AVX2 CPUs: 2-4x faster on the paper networks' layers, ~1e-5
                            relative error; other layers direct) or "direct" (oneDNN's direct kernels for them)
 init_from.NAME             "" (fresh init) or a cmedl-convert-torch output folder whose weights start network NAME

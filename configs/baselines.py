@@ -1,4 +1,4 @@
-"""Baselines in the same framework: ct_only, pmri_only, ct_pmri_concat (DESIGN.md).
+"""Baselines in the same framework: ct_only, pmri_only, ct_pmri_concat (docs/design.md).
 
 Launch (arg = "METHOD[,SEGMENTER[,TRANSLATOR]]"):
   cmedl-train --config configs/baselines.py:ct_only,unet --workdir runs/ct_only_unet \

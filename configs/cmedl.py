@@ -7,7 +7,7 @@ Launch (arg = "TRANSLATOR,SEGMENTER", default "cyclegan,unet"):
 Expected (paper, CT lung tumors, student at test time): DSC ~0.77 (U-Net), sDSC ~0.83, HD95 ~5.2 mm.
 Runtime: 256x256 crops, full networks (U-Net 13.4M, generators 11.4M each): a GPU job of many hours; on a 2-core
 CPU a step takes tens of seconds - use configs/quickstart.py there.
-All defaults are those of DESIGN.md; see cmedl_jax/config_base.py for every field.
+All defaults are those of docs/design.md; see cmedl_jax/config_base.py for every field.
 """
 
 from cmedl_jax import config_base

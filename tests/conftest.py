@@ -37,3 +37,15 @@ def trained_run(phantom_dirs, tmp_path_factory):
   cfg = phantom_config(phantom_dirs, 4, preview_every=2, async_checkpoint=True)
   cfg.eval.data_dir = phantom_dirs[0]  # exercise the evaluation at the end of training
   return workdir, trainer.train(cfg, str(workdir), progress=False)
+
+
+@pytest.fixture(scope="session")
+def onednn_library():
+  """The library's kernels (cmedl_jax.ops.onednn), built on first use; the test is skipped where they cannot be.
+
+  A fixture, not a collection-time check: collecting the tests builds nothing.
+  """
+  from cmedl_jax.ops import onednn
+  if not onednn.available():
+    pytest.skip(f"the library's kernels are unavailable: {onednn.unavailable_reason()}")
+  return onednn

@@ -4,16 +4,17 @@ import csv
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import nibabel as nib
 import numpy as np
 import pytest
 from scipy import stats
 
+from cmedl_jax import ops
 from cmedl_jax.data import dataset_index, nifti_io, preprocess
 from cmedl_jax.errors import DataError
 from cmedl_jax.evaluate import cli, inference, scoring
-from cmedl_jax.models import fast_conv
 from cmedl_jax.train import checkpointing
 
 AFFINE = np.array([[-0.8, 0, 0, 40.0], [0, -0.8, 0, 30.0], [0, 0, 2.5, -60.0], [0, 0, 0, 1]])
@@ -33,33 +34,40 @@ def test_predictor_restores_the_trained_student(predictor, trained_run):
   assert set(predictor.variables["params"]) == {"student", "teacher", "gen_ct2mr"}
 
 
-@pytest.mark.parametrize("run_backend, expected", [("xla", "xla"), ("onednn", "auto"), ("auto", "auto")])
-def test_predictor_follows_the_runs_conv_backend(trained_run, monkeypatch, run_backend, expected):
-  workdir, _ = trained_run
-  restore = checkpointing.RunCheckpointer.restore_config
-  monkeypatch.setattr(checkpointing.RunCheckpointer, "restore_config",
-                      lambda self, step: {**restore(self, step), "conv_backend": run_backend})
-  chosen = []
-  monkeypatch.setattr(fast_conv, "set_backend", chosen.append)  # the process-wide choice, not made for real
-  predictor = inference.load_predictor(str(workdir))
-  assert chosen == [expected] and predictor.cfg.conv_backend == run_backend
-
-
-@pytest.mark.parametrize("run_algorithm, expected", [("direct", "direct"), ("winograd", "winograd"), (None, "winograd")])
-def test_predictor_follows_the_runs_conv_algorithm(trained_run, monkeypatch, run_algorithm, expected):
+@pytest.mark.parametrize("run_backend, run_algorithm, expected", [
+    ("xla", "direct", ops.Kernels("xla", "direct")), ("plain", "winograd", ops.Kernels("plain", "winograd")),
+    ("onednn", "direct", ops.Kernels("auto", "direct")), ("auto", None, ops.Kernels("auto", "winograd")),
+    (None, None, ops.Kernels("auto", "winograd"))])
+def test_predictor_takes_the_runs_kernels(trained_run, monkeypatch, run_backend, run_algorithm, expected):
+  # None: a run saved before the field existed. "onednn" becomes "auto": the machine evaluating may lack the library.
   workdir, _ = trained_run
   restore = checkpointing.RunCheckpointer.restore_config
 
   def config_of_the_run(self, step):
     cfg = restore(self, step)
-    cfg.pop("conv_algorithm", None)  # None: a run saved before the field existed
-    return cfg if run_algorithm is None else {**cfg, "conv_algorithm": run_algorithm}
+    for field, value in (("conv_backend", run_backend), ("conv_algorithm", run_algorithm)):
+      cfg.pop(field, None)
+      if value is not None:
+        cfg[field] = value
+    return cfg
 
   monkeypatch.setattr(checkpointing.RunCheckpointer, "restore_config", config_of_the_run)
-  chosen = []
-  monkeypatch.setattr(fast_conv, "set_algorithm", chosen.append)
-  inference.load_predictor(str(workdir))
-  assert chosen == [expected]
+  assert inference.load_predictor(str(workdir)).kernels == expected
+  chosen = ops.Kernels("plain")
+  assert inference.load_predictor(str(workdir), kernels=chosen).kernels == chosen
+
+
+def test_predictions_of_the_default_and_the_plain_kernels_agree(trained_run):
+  workdir, _ = trained_run
+  hu = np.random.default_rng(3).uniform(-1000, 400, size=(48, 48, 5)).astype(np.float32)
+  logits_of = {}
+  for name, kernels in (("default", None), ("plain", ops.Kernels("plain"))):
+    predictor = inference.load_predictor(str(workdir), kernels=kernels)
+    logits = jax.jit(ops.using(predictor.kernels, lambda v, x: predictor.nets.segment(
+        predictor.nets.student, v["params"]["student"], v["batch_stats"]["student"], x, train=False)[0]))
+    x = preprocess.axial_slices(preprocess.normalize_ct(hu, tuple(predictor.cfg.data.ct_window)))[..., None]
+    logits_of[name] = np.asarray(logits(predictor.variables, x))
+  np.testing.assert_allclose(logits_of["default"], logits_of["plain"], rtol=1e-4, atol=1e-4)
 
 
 def test_volume_inference_equals_slice_by_slice_application(predictor):

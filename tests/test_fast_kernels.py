@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 from cmedl_jax.bench import conv_profile
-from cmedl_jax.models import fast_conv, layers, onednn
+from cmedl_jax import ops
+from cmedl_jax.models import layers
+from cmedl_jax.ops import onednn
 
-needs_onednn = pytest.mark.skipif(not onednn.available(), reason=f"oneDNN unavailable: {onednn.unavailable_reason()}")
+needs_onednn = pytest.mark.usefixtures("onednn_library")
 
 
 def conv_float64(x, w, stride, padding):
@@ -154,25 +156,19 @@ def test_profile_keys_of_the_library_kernels_parse():
       2 * 4 * 128 * 128 * 8 * 49 / 1e9)
 
 
-@pytest.fixture
-def algorithm():
-  yield fast_conv.set_algorithm
-  fast_conv.set_algorithm("winograd")
-
-
-def test_set_algorithm_rejects_unknown_names(algorithm):
+def test_unknown_algorithms_are_rejected():
   with pytest.raises(ValueError, match="conv_algorithm must be one of"):
-    algorithm("fft")
+    ops.Kernels("onednn", "fft")
 
 
 @needs_onednn
 @pytest.mark.parametrize("name", ["winograd", "direct"])
-def test_conv2d_uses_the_algorithm_set_at_trace_time(name, algorithm):
-  algorithm(name)
+def test_conv2d_uses_the_algorithm_of_its_kernels(name):
   x = np.random.default_rng(0).standard_normal((1, 12, 12, 8)).astype(np.float32)
   conv = layers.Conv2d(16, 3, padding=1)
   params = conv.init(jax.random.key(0), x)
-  loss = jax.jit(jax.grad(lambda p, x: (conv.apply(p, x) ** 2).sum(), argnums=(0, 1)))
+  loss = jax.jit(ops.using(ops.Kernels("onednn", name),
+                           jax.grad(lambda p, x: (conv.apply(p, x) ** 2).sum(), argnums=(0, 1))))
   onednn.profile_start()
   jax.block_until_ready(loss(params, x))
   keys = onednn.profile_stop()["calls"]

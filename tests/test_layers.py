@@ -1,8 +1,10 @@
-"""Layer-level checks: fast conv forms, sub-pixel transposed convs, norms, resampling and initialisers.
+"""Layer-level checks: the CPU forms of the convolutions, sub-pixel transposed convs, pooling, norms, resampling and
+initialisers.
 
-These test the XLA forms of the convolutions (bit-identical rewrites, forced kernel-gradient paths), so the module
-runs with ``conv_backend="xla"``; the oneDNN convolutions are checked in tests/test_onednn.py and, through the
-networks, against PyTorch in tests/test_torch_port.py.
+The XLA:CPU forms (``conv_backend="xla"``: bit-identical rewrites, forced kernel-gradient paths) are tested here
+against the plain convolution and its autodiff; the library's kernels in tests/test_onednn.py, test_fast_kernels.py
+and test_work_pool.py; every form of every op against the plain one in tests/test_ops.py; and the networks against
+PyTorch, with both the default and the plain forms, in tests/test_torch_port.py.
 """
 
 import jax
@@ -11,14 +13,14 @@ import numpy as np
 import pytest
 from jax import lax
 
-from cmedl_jax.models import fast_conv, initializers, layers, resample, subpixel
+from cmedl_jax import ops
+from cmedl_jax.models import initializers, layers, resample
+from cmedl_jax.ops import subpixel, xla_cpu
 
-
-@pytest.fixture(autouse=True, scope="module")
-def xla_convolutions():
-  fast_conv.set_backend("xla")
-  yield
-  fast_conv.set_backend("auto")
+XLA = ops.Kernels("xla")
+PLAIN = ops.Kernels("plain")
+# The CPU form and the plain form of the ops whose forms must agree exactly (pooling) or to rounding.
+FORMS = {"cpu-xla": XLA, "plain": PLAIN}
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -60,7 +62,8 @@ def test_conv2d_is_bit_identical_to_valid_conv_of_padded_input(k, stride, pad, m
   padded = layers.reflect_pad(x, pad) if mode == "reflect" else jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
   expected = lax.conv_general_dilated(padded, kernel, (stride, stride), "VALID", rhs_dilation=(dilation, dilation),
                                       dimension_numbers=DN)
-  fast = jax.jit(lambda a, b: layers.conv2d(a, b, stride=stride, padding=pad, padding_mode=mode, dilation=dilation))
+  fast = jax.jit(ops.using(XLA, lambda a, b: layers.conv2d(a, b, stride=stride, padding=pad, padding_mode=mode,
+                                                            dilation=dilation)))
   got = fast(x, kernel)
   assert got.shape == expected.shape
   np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
@@ -86,18 +89,18 @@ def test_conv2d_custom_gradients_match_autodiff_of_plain_conv(k, stride, pad, mo
                                                              monkeypatch):
   # conv2d's custom VJP (flipped-kernel input gradient, matrix-product kernel gradient) against XLA's autodiff of
   # the textbook form.
-  monkeypatch.setattr(fast_conv, "use_matmul_kernel_grad", lambda *_: path != "xla")
+  monkeypatch.setattr(xla_cpu, "use_matmul_kernel_grad", lambda *_: path != "xla")
   if path.startswith("scan"):
-    monkeypatch.setattr(fast_conv, "_MAX_UNROLLED_ROW_BYTES", 0)
+    monkeypatch.setattr(xla_cpu, "_MAX_UNROLLED_ROW_BYTES", 0)
   if path.endswith("taps"):
-    monkeypatch.setattr(fast_conv, "_MIN_CHANNELS_PER_TAP", 1)
+    monkeypatch.setattr(xla_cpu, "_MIN_CHANNELS_PER_TAP", 1)
   rng = _rng(k * 100 + stride * 10 + pad + 7)
   x = _f32(rng.normal(size=(2, 17, 16, cin)))
   kernel = _f32(rng.normal(size=(k, k, cin, cout)))
   weights = _f32(rng.normal(size=_valid_conv_of_padded(x, kernel, stride, pad, mode, dilation).shape))
   loss = lambda conv: (lambda a, b: jnp.sum(jnp.sin(conv(a, b)) * weights))  # noqa: E731
-  fast = jax.jit(jax.value_and_grad(loss(lambda a, b: layers.conv2d(
-      a, b, stride=stride, padding=pad, padding_mode=mode, dilation=dilation)), (0, 1)))
+  fast = jax.jit(ops.using(XLA, jax.value_and_grad(loss(lambda a, b: layers.conv2d(
+      a, b, stride=stride, padding=pad, padding_mode=mode, dilation=dilation)), (0, 1))))
   plain = jax.jit(jax.value_and_grad(loss(lambda a, b: _valid_conv_of_padded(a, b, stride, pad, mode, dilation)),
                                      (0, 1)))
   (value, (dx, dw)), (ref_value, (ref_dx, ref_dw)) = fast(x, kernel), plain(x, kernel)
@@ -107,7 +110,7 @@ def test_conv2d_custom_gradients_match_autodiff_of_plain_conv(k, stride, pad, mo
 
 
 def test_matmul_kernel_grad_is_used_except_where_xla_is_as_fast():
-  use = fast_conv.use_matmul_kernel_grad
+  use = xla_cpu.use_matmul_kernel_grad
   paper_layers = [  # (output, kernel, stride, padding) of the paper networks at 256 px, batch 2
       ((2, 64, 64, 512), (2, 2, 256, 512), 1, 0),  # generator sub-pixel up
       ((2, 64, 64, 256), (3, 3, 256, 256), 1, 0),  # generator residual block
@@ -135,31 +138,34 @@ def test_conv_kernel_grad_matches_torch(k, stride, pad, cin, cout):
   kernel = rng.normal(size=(k, k, cin, cout)).astype(np.float32)
   out = (20 + 2 * pad - k) // stride + 1
   g = rng.normal(size=(2, out, out, cout)).astype(np.float32)
-  got = fast_conv.conv_kernel_grad(_f32(x), _f32(g), kernel.shape, stride=stride, padding=pad, dilation=1)
+  got = xla_cpu.conv_kernel_grad(_f32(x), _f32(g), kernel.shape, stride=stride, padding=pad, dilation=1)
   xt = torch.tensor(x.transpose(0, 3, 1, 2))
   wt = torch.tensor(kernel.transpose(3, 2, 0, 1), requires_grad=True)
   torch.nn.functional.conv2d(xt, wt, stride=stride, padding=pad).backward(torch.tensor(g.transpose(0, 3, 1, 2)))
   np.testing.assert_allclose(np.asarray(got), wt.grad.numpy().transpose(2, 3, 1, 0), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("form", sorted(FORMS))
 @pytest.mark.parametrize("shape", [(2, 8, 10, 3), (1, 9, 7, 2)])
-def test_max_pool_2x2_values_and_gradients_match_flax_max_pool(shape):
+def test_max_pool_2x2_values_and_gradients_match_flax_max_pool(shape, form):
   import flax.linen as nn
   rng = _rng(sum(shape))
   # Quantised values make ties inside windows common: the gradient must go to the same (first) element.
   x = _f32(np.round(rng.normal(size=shape) * 2) / 2)
   weights = _f32(rng.normal(size=(shape[0], shape[1] // 2, shape[2] // 2, shape[3])))
   reference = lambda a: nn.max_pool(a, (2, 2), strides=(2, 2))  # noqa: E731
-  np.testing.assert_array_equal(np.asarray(layers.max_pool_2x2(x)), np.asarray(reference(x)))
+  pool = ops.using(FORMS[form], ops.max_pool_2x2)
+  np.testing.assert_array_equal(np.asarray(jax.jit(pool)(x)), np.asarray(reference(x)))
   grad = lambda pool: jax.jit(jax.grad(lambda a: jnp.sum(pool(a) * weights)))(x)  # noqa: E731
-  np.testing.assert_array_equal(np.asarray(grad(layers.max_pool_2x2)), np.asarray(grad(reference)))
+  np.testing.assert_array_equal(np.asarray(grad(pool)), np.asarray(grad(reference)))
 
 
-def test_max_pool_2x2_gradient_matches_torch_at_ties():
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_max_pool_2x2_gradient_matches_torch_at_ties(form):
   torch = pytest.importorskip("torch")
   x = np.round(_rng(5).normal(size=(2, 6, 8, 3)) * 2).astype(np.float32) / 2
   g = _rng(6).normal(size=(2, 3, 4, 3)).astype(np.float32)
-  got = jax.vjp(layers.max_pool_2x2, _f32(x))[1](_f32(g))[0]
+  got = jax.vjp(ops.using(FORMS[form], ops.max_pool_2x2), _f32(x))[1](_f32(g))[0]
   xt = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
   torch.nn.functional.max_pool2d(xt, 2).backward(torch.tensor(g.transpose(0, 3, 1, 2)))
   np.testing.assert_array_equal(np.asarray(got), xt.grad.numpy().transpose(0, 2, 3, 1))
@@ -257,7 +263,8 @@ def test_conv_transpose_module_keeps_pytorch_shaped_kernel():
   assert module.apply(variables, jnp.zeros((1, 5, 5, 6))).shape == (1, 10, 10, 4)
 
 
-def test_conv_transpose_matches_torch():
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_conv_transpose_matches_torch(form):
   torch = pytest.importorskip("torch")
   rng = _rng(4)
   for k, stride, pad, out_pad in [(3, 2, 1, 1), (3, 2, 0, 0)]:
@@ -265,8 +272,8 @@ def test_conv_transpose_matches_torch():
     x = rng.normal(size=(2, 6, 7, 9)).astype(np.float32)
     expected = ref(torch.from_numpy(x)).detach().numpy().transpose(0, 2, 3, 1)
     kernel = ref.weight.detach().numpy().transpose(2, 3, 0, 1)
-    got = subpixel.conv_transpose2d(_f32(x.transpose(0, 2, 3, 1)), _f32(kernel), _f32(ref.bias.detach().numpy()),
-                                    stride=stride, padding=pad, output_padding=out_pad)
+    got = ops.conv_transpose2d(_f32(x.transpose(0, 2, 3, 1)), _f32(kernel), _f32(ref.bias.detach().numpy()),
+                               stride=stride, padding=pad, output_padding=out_pad, kernels=FORMS[form])
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
     sub_kernel, sub_bias = subpixel.torch_conv_transpose_to_subpixel(ref.weight.detach().numpy(),
                                                                      ref.bias.detach().numpy(), stride=stride,

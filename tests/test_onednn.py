@@ -1,8 +1,7 @@
-"""oneDNN convolutions through XLA's FFI (cmedl_jax.models.onednn) against XLA's convolutions and PyTorch."""
+"""The library's convolutions through XLA's FFI (cmedl_jax.ops.onednn) against XLA's convolutions; its build."""
 
 import os
 import threading
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -11,17 +10,10 @@ import pytest
 from jax import lax
 
 from cmedl_jax.bench import conv_profile
-from cmedl_jax.models import fast_conv, layers, onednn
+from cmedl_jax.ops import onednn
 
-needs_onednn = pytest.mark.skipif(not onednn.available(), reason=f"oneDNN unavailable: {onednn.unavailable_reason()}")
+needs_onednn = pytest.mark.usefixtures("onednn_library")
 DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
-
-
-@pytest.fixture
-def backend():
-  """Restores the default convolution backend after a test that switches it."""
-  yield fast_conv.set_backend
-  fast_conv.set_backend("auto")
 
 
 def reference(x, kernel, stride, padding, dilation):
@@ -71,30 +63,6 @@ def test_forward_and_gradients_equal_xla(x_shape, kernel_shape, stride, padding,
   assert_close(forward(x, kernel), expected)
   assert_close(backward_data(g, kernel), dx_expected)
   assert_close(backward_weights(x, g), dk_expected)
-
-
-@needs_onednn
-def test_conv2d_gradients_under_both_backends_agree(backend):
-  # Reflect padding, stride 2, a one-output-channel 7x7 and a 3x3.
-  x, k7, k3 = random((2, 70, 66, 4), 3), random((7, 7, 4, 1), 4), random((3, 3, 1, 6), 5)
-
-  def loss(x, k7, k3):
-    y = layers.conv2d(x, k7, padding=3, padding_mode="reflect")
-    y = layers.conv2d(jnp.tanh(y), k3, stride=2, padding=1)
-    return jnp.sum(jnp.sin(y))
-
-  results, programs = {}, {}
-  for name in ("xla", "onednn"):
-    backend(name)
-    assert fast_conv.resolved_backend("cpu") == name
-    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
-    programs[name] = fn.lower(x, k7, k3).as_text()
-    results[name] = fn(x, k7, k3)
-  assert "CmedlOnednnConv" not in programs["xla"]
-  for target in ("CmedlOnednnConvForward", "CmedlOnednnConvBackwardData", "CmedlOnednnConvBackwardWeights"):
-    assert target in programs["onednn"]
-  for a, b in zip(jax.tree.leaves(results["onednn"]), jax.tree.leaves(results["xla"])):
-    assert_close(a, b, tolerance=1e-4)
 
 
 # Independent convolutions of different geometries, which XLA may issue from several of its threads at once.
@@ -171,22 +139,6 @@ def test_profile_names_each_geometry_and_counts_its_calls():
   assert onednn.profile_stop()["calls"] == {}
 
 
-@needs_onednn
-def test_float64_and_other_platforms_use_xla(backend):
-  backend("onednn")
-  assert fast_conv.resolved_backend("gpu") == "xla"
-  assert fast_conv.resolved_backend("cpu") == "onednn"
-  with jax.enable_x64():
-    x, k = jnp.ones((1, 6, 6, 2), jnp.float64), jnp.ones((3, 3, 2, 2), jnp.float64)
-    program = jax.jit(lambda x, k: fast_conv.conv_zero_padded(x, k, 1, 1, 1)).lower(x, k).as_text()
-  assert "CmedlOnednnConv" not in program
-
-
-def test_set_backend_rejects_unknown_names():
-  with pytest.raises(ValueError, match="conv_backend must be one of"):
-    fast_conv.set_backend("mkl")
-
-
 def test_missing_onednn_says_what_to_install(monkeypatch, tmp_path):
   monkeypatch.setattr(onednn, "_prefixes", lambda: [str(tmp_path)])
   with pytest.raises(onednn.OnednnUnavailable, match="pip install onednn-cpu-gomp"):
@@ -211,15 +163,3 @@ def test_unwritable_cache_folder_is_reported(tmp_path):
   not_a_folder.write_text("")
   with pytest.raises(onednn.OnednnUnavailable, match="CMEDL_ONEDNN_CACHE"):
     onednn.build(str(not_a_folder / "lib.so"))
-
-
-def test_auto_falls_back_to_xla_with_one_warning(monkeypatch, backend):
-  backend("auto")
-  monkeypatch.setattr(onednn, "available", lambda: False)
-  monkeypatch.setattr(onednn, "unavailable_reason", lambda: "no C++ compiler found")
-  monkeypatch.setattr(fast_conv, "_warned", [])
-  with pytest.warns(UserWarning, match=r"no C\+\+ compiler found"):
-    assert fast_conv.resolved_backend("cpu") == "xla"
-  with warnings.catch_warnings():
-    warnings.simplefilter("error")
-    assert fast_conv.resolved_backend("cpu") == "xla"

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cmedl_jax import ops
 from cmedl_jax.models import build
 from cmedl_jax.torch_port import convert
 
@@ -217,8 +218,9 @@ def test_reference_modules_have_the_expected_keys_at_full_size(arch):
 
 
 @pytest.mark.torch
+@pytest.mark.parametrize("kernels", [ops.Kernels(), ops.Kernels("plain")], ids=["default", "plain"])
 @pytest.mark.parametrize("name", sorted(TINY))
-def test_forward_outputs_match_pytorch(name):
+def test_forward_outputs_match_pytorch(name, kernels):
   torch = pytest.importorskip("torch")
   from cmedl_jax.torch_port import reference
   arch, options = TINY[name]
@@ -231,17 +233,18 @@ def test_forward_outputs_match_pytorch(name):
   channels = conversion.options["input_channels"]
   x = np.random.default_rng(1).uniform(-1, 1, size=(2, 32, 32, channels)).astype(np.float32)
   module = conversion.module()
+  apply = jax.jit(ops.using(kernels, module.apply), static_argnames=("nce_layers",))
   with torch.no_grad():
     if arch == "generator":
       layers = (0, 4, 8, 10, 11)
       y_t, feats_t = module_t(reference.to_nchw(x), layers)
-      y, feats = jax.jit(lambda v, a: module.apply(v, a, nce_layers=layers))(conversion.variables, x)
+      y, feats = apply(conversion.variables, x, nce_layers=layers)
       pairs = [(y, y_t)] + list(zip(feats, feats_t))
     elif arch == "discriminator":
-      pairs = [(jax.jit(module.apply)(conversion.variables, x), module_t(reference.to_nchw(x)))]
+      pairs = [(apply(conversion.variables, x), module_t(reference.to_nchw(x)))]
     else:
       logits_t, feats_t = module_t(reference.to_nchw(x))
-      logits, feats = jax.jit(module.apply)(conversion.variables, x)
+      logits, feats = apply(conversion.variables, x)
       assert set(feats) == set(feats_t) and tuple(feats_t) == module.decoder_feature_names()
       pairs = [(logits, logits_t)] + [(feats[k], feats_t[k]) for k in feats_t]
   for a, b in pairs:

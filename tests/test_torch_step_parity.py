@@ -1,6 +1,6 @@
 """The full CMEDL step (CycleGAN + teacher/student U-Nets) in JAX equals the PyTorch reference step from the same
 weights and batches: every loss term, the per-group gradient norms, the parameters after SGD steps and the
-BatchNorm statistics.
+BatchNorm statistics -- with the default CPU forms of the ops and with the plain forms GPU/TPU programs hold.
 
 Both image pools are filling during these steps (pool_size >= images seen), so they return the new fakes in both
 frameworks, and the generators have no dropout: those are the only random parts of the step. The CT images have no
@@ -83,9 +83,16 @@ def _record_batch_norm_counts(torch_step):
   return counts
 
 
-@pytest.fixture(scope="module", params=sorted(LOSS_VARIANTS))
+# (loss variant, conv_backend): the default CPU forms with both variants, and the plain forms (what GPU/TPU run).
+RUNS = [("defaults", "auto"), ("reweighted", "auto"), ("defaults", "plain")]
+
+
+@pytest.fixture(scope="module", params=RUNS, ids=[f"{variant}-{backend}" for variant, backend in RUNS])
 def runs(request):
-  return request.param, run_both(parity_config(**LOSS_VARIANTS[request.param]))
+  variant, backend = request.param
+  cfg = parity_config(**LOSS_VARIANTS[variant])
+  cfg.conv_backend = backend
+  return variant, run_both(cfg)
 
 
 def test_every_loss_term_and_gradient_norm_matches(runs):

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from cmedl_jax.models import onednn
+from cmedl_jax.ops import onednn
 from tests.test_fast_kernels import needs_onednn, relative_error, run_kernels
 
 # (x shape, kernel shape, stride, padding, winograd, {kind: the kernel that runs it}): a Winograd layer, both

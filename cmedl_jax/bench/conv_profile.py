@@ -5,7 +5,7 @@
 
 Builds and compiles the same jitted step as ``python -m cmedl_jax.bench step`` (same networks, weights and
 batch), runs one untimed step, then ``--steps`` timed steps with the oneDNN calls timed in the last one
-(:func:`cmedl_jax.models.onednn.profile_start`). Prints the step times, the share of the last step spent in
+(:func:`cmedl_jax.ops.onednn.profile_start`). Prints the step times, the share of the last step spent in
 convolutions (wall time with a call running, and per kind: forward, input gradient ``dx``, kernel gradient
 ``dw``), and the ``--top`` geometries by time with their calls per step, ms per call and GFLOP/s (multiply-adds x
 2). The rest of the step is XLA's own work (normalisation, activations, padding, losses, Adam, image pools) and
@@ -67,17 +67,18 @@ def main(argv=None):
   if args.steps < 1:
     parser.error("--steps must be at least 1")
 
-  from cmedl_jax.models import fast_conv, onednn
+  from cmedl_jax.ops import onednn
   try:
     onednn.load()
   except onednn.OnednnUnavailable as e:
     print(f"ERROR the oneDNN convolutions are unavailable here: {e}", file=sys.stderr)
     return 1
   print(f"machine: {step_bench._machine()}; {step_bench._load_average()}", flush=True)
-  runner = step_bench._build_runner(dict(kind="jax", config=args.config, size=args.size, batch=args.batch,
-                                         conv_backend="onednn", conv_algorithm=args.conv_algorithm))
-  print(f"compiled the step in {runner.compile_s:.1f} s (convolutions: {fast_conv.resolved_backend()}, "
-        f"{fast_conv.algorithm()} 3x3); "
+  spec = dict(kind="jax", config=args.config, size=args.size, batch=args.batch, conv_backend="onednn",
+              conv_algorithm=args.conv_algorithm)
+  runner = step_bench._build_runner(spec)
+  print(f"compiled the step in {runner.compile_s:.1f} s (convolutions: onednn, "
+        f"{step_bench.jax_config(spec).conv_algorithm} 3x3); "
         f"{args.batch} x {args.size}x{args.size} px", flush=True)
   runner.step()
   times = []

@@ -1,34 +1,36 @@
 """Benchmark: the full CMEDL train step, JAX (jitted) vs the PyTorch reference step, same machine and weights.
 
     python -m cmedl_jax.bench step [--config quickstart|paper|FILE.py[:ARG]] [--size 128] [--batch 4]
-        [--steps 5] [--warmup 2] [--compile] [--skip-jax] [--skip-torch] [--json OUT.json]
-        [--conv-backend auto|onednn|xla] [--conv-algorithm winograd|direct]
+        [--steps 5] [--warmup 2] [--compile] [--backends default,onednn,xla,plain] [--skip-torch]
+        [--json OUT.json] [--conv-algorithm winograd|direct]
 
 Both frameworks run CMEDL with the CycleGAN translator (two generators, two PatchGANs, image pools of
 ``pool_size``, teacher and student segmenters, CE + soft Dice, hint, LSGAN, cycle, identity; Adam per group) on
 the same random batch of ``--batch`` images of ``--size`` px, starting from the same weights (PyTorch's init
 converted to flax by :mod:`cmedl_jax.torch_port.bridge`). ``--config``: ``quickstart`` = configs/quickstart.py
-networks (generators ngf 8 with 3 blocks, PatchGAN ndf 8, U-Nets (8, 16, 32, 32)); ``paper`` = the DESIGN defaults
+networks (generators ngf 8 with 3 blocks, PatchGAN ndf 8, U-Nets (8, 16, 32, 32)); ``paper`` = the design defaults
 of configs/cmedl.py (ngf 64 with 9 blocks, ndf 64, the 13.4M U-Net).
 
 Timed:
 
 * JAX: ``train.step.make_train_step`` (jit + shard_map over this machine's devices, state donated), compiled with
-  ``lower().compile()`` (the printed compile time), each step waited for with ``block_until_ready``;
+  ``lower().compile()`` (the printed compile time), each step waited for with ``block_until_ready``; once per
+  ``--backends`` entry: ``default`` (the config's ``conv_backend``, "auto" unless changed, and what it resolves to
+  here) and each CPU form named (``onednn``, ``xla``, ``plain``: :mod:`cmedl_jax.ops`); a form that is what the
+  default resolves to is not run twice;
 * PyTorch eager: ``torch_port.reference_step.CMEDLStep.step`` (forward, one backward, three optimizers);
 * with ``--compile``: the same with the loss computation under ``torch.compile`` (the image pools run eagerly);
   its first step includes the compilation.
 
-Each framework runs in a process of its own (spawned; in one process, the threads one framework leaves behind
+Each runner lives in a process of its own (spawned; in one process, the threads one framework leaves behind
 slowed the other's steps: PyTorch eager 0.47 -> 0.72 s per quickstart step next to XLA, -> 1.1 s next to oneDNN's
-OpenMP threads, measured). Each runs ``--warmup`` steps, then ``--steps`` rounds of one step of each framework in
-turn (interleaved, so a shared machine's background load hits all alike; the idle one waits on a pipe). Step times
-are measured inside the worker process. Prints the median step time and images/s of each, the ratio JAX / PyTorch
-of images/s (> 1: JAX is faster) with the median and range of the per-round ratios (:func:`paired_ratios`), the
-machine's load average, and both frameworks' step-1 losses (equal up to float rounding while the pools are
-filling, i.e. batch <= pool_size). ``--conv-backend`` picks JAX's CPU convolutions
-(``config.conv_backend``: auto | onednn | xla), ``--conv-algorithm`` their 3x3 stride-1 algorithm on oneDNN
-(``config.conv_algorithm``: winograd, the default, | direct).
+OpenMP threads, measured). Each runs ``--warmup`` steps, then ``--steps`` rounds of one step of each runner in
+turn (interleaved, so a shared machine's background load hits all alike; the idle ones wait on a pipe). Step times
+are measured inside the worker process. Prints the median step time and images/s of each, every JAX runner's ratio
+to each PyTorch runner of images/s (> 1: JAX is faster) with the median and range of the per-round ratios
+(:func:`paired_ratios`), the machine's load average, and the step-1 losses of the default JAX runner and PyTorch
+eager (equal up to float rounding while the pools are filling, i.e. batch <= pool_size). ``--conv-algorithm``
+sets the library's 3x3 stride-1 algorithm (``config.conv_algorithm``: winograd, the default, | direct).
 """
 
 from __future__ import annotations
@@ -141,19 +143,26 @@ class TorchRunner:
     return metrics
 
 
+def jax_config(spec):
+  """The config of a JAX runner: ``spec``'s problem, with its ``conv_backend`` unless it is "default"."""
+  cfg = load_config(spec["config"])
+  cfg.data.crop_size, cfg.data.global_batch_size = spec["size"], spec["batch"]
+  if spec.get("conv_backend", "default") != "default":
+    cfg.conv_backend = spec["conv_backend"]
+  if spec.get("conv_algorithm"):
+    cfg.conv_algorithm = spec["conv_algorithm"]
+  return cfg
+
+
 def _build_runner(spec):
   """The runner of ``spec["kind"]`` (jax | torch_eager | torch_compile), built in the calling process."""
   from cmedl_jax.torch_port import reference_step
 
-  cfg = load_config(spec["config"])
+  cfg = jax_config(spec)
   size, batch_size = spec["size"], spec["batch"]
-  cfg.data.crop_size, cfg.data.global_batch_size = size, batch_size
   batch = synthetic_batch(batch_size, size)
   if spec["kind"] != "jax":
     return TorchRunner(cfg, batch, compile_mode=spec["kind"] == "torch_compile")
-  from cmedl_jax.models import fast_conv
-  fast_conv.set_backend(spec["conv_backend"])
-  fast_conv.set_algorithm(spec.get("conv_algorithm") or cfg.conv_algorithm)
   # One seeded PyTorch init gives both frameworks the same starting weights.
   state_dicts = reference_step.CMEDLStep.from_config(cfg, seed=0).state_dicts()
   return JaxRunner(cfg, state_dicts, batch, (size, size, 1))
@@ -165,9 +174,10 @@ def _serve(conn, spec):
     runner = _build_runner(spec)
     info = {}
     if spec["kind"] == "jax":
-      from cmedl_jax.models import fast_conv
-      info = dict(compile_s=runner.compile_s, devices=runner.devices, conv=fast_conv.resolved_backend(),
-                  algorithm=fast_conv.algorithm())
+      from cmedl_jax import ops
+      kernels = ops.from_config(jax_config(spec))
+      info = dict(compile_s=runner.compile_s, devices=runner.devices, conv=ops.cpu_form(kernels),
+                  backend=kernels.backend, algorithm=kernels.algorithm)
     conn.send(("ready", info))
     first = True
     while conn.recv() == "step":
@@ -272,17 +282,39 @@ def add_problem_arguments(parser):
                       help="JAX's oneDNN 3x3 stride-1 convolutions (default: the config's conv_algorithm)")
 
 
+JAX_BACKENDS = ("default", "onednn", "xla", "plain")
+_LABELS = {"torch_eager": "PyTorch eager", "torch_compile": "PyTorch torch.compile"}
+
+
+def jax_runner_specs(spec, backends):
+  """{runner name: spec} of the JAX runners of ``backends`` (see the module docstring), the default first.
+
+  A named form equal to what the default resolves to on this machine is dropped (the default runs it).
+  """
+  from cmedl_jax import ops
+  default_form = ops.cpu_form(ops.from_config(jax_config(spec)))
+  runners = {}
+  for backend in backends:
+    if backend not in JAX_BACKENDS:
+      raise SystemExit(f"--backends: unknown {backend!r}; expected some of {', '.join(JAX_BACKENDS)}")
+    if backend != "default" and backend == default_form and "default" in backends:
+      continue
+    name = "jax" if backend == "default" else f"jax_{backend}"
+    runners[name] = {**spec, "kind": "jax", "conv_backend": backend}
+  return runners
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(prog="python -m cmedl_jax.bench step", description=__doc__.split("\n\n")[0])
   add_problem_arguments(parser)
   parser.add_argument("--steps", type=int, default=5, help="timed steps")
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (JAX: after compiling)")
   parser.add_argument("--compile", action="store_true", help="also time PyTorch with torch.compile")
-  parser.add_argument("--skip-jax", action="store_true")
+  parser.add_argument("--backends", default="default,onednn,xla,plain",
+                      help="JAX runners, comma-separated: default (the config's conv_backend) and CPU forms "
+                           "onednn, xla, plain; '' for none")
   parser.add_argument("--skip-torch", action="store_true", help="eager PyTorch (its weights are still built)")
   parser.add_argument("--json", help="write the results to this file")
-  parser.add_argument("--conv-backend", default="auto", choices=("auto", "onednn", "xla"),
-                      help="JAX's CPU convolutions (config.conv_backend)")
   args = parser.parse_args(argv)
 
   import torch
@@ -297,46 +329,49 @@ def main(argv=None):
         f"pool {cfg.pool_size}; {args.warmup} warm-up + {args.steps} timed steps")
   results = dict(config=args.config, size=args.size, batch=args.batch, steps=args.steps, warmup=args.warmup,
                  machine=_machine(), torch_threads=torch.get_num_threads(), load_average_start=_load_average())
-  spec = dict(config=args.config, size=args.size, batch=args.batch, conv_backend=args.conv_backend,
-              conv_algorithm=args.conv_algorithm)
-  kinds = ([] if args.skip_jax else ["jax"]) + ([] if args.skip_torch else ["torch_eager"])
-  kinds += ["torch_compile"] if args.compile else []
+  spec = dict(config=args.config, size=args.size, batch=args.batch, conv_algorithm=args.conv_algorithm)
+  specs = jax_runner_specs(spec, [b for b in args.backends.split(",") if b])
+  if not args.skip_torch:
+    specs["torch_eager"] = {**spec, "kind": "torch_eager"}
+  if args.compile:
+    specs["torch_compile"] = {**spec, "kind": "torch_compile"}
+  labels = dict(_LABELS)
   runners = {}
   try:
-    for kind in kinds:
-      runners[kind] = ProcessRunner({**spec, "kind": kind})
-      if kind == "jax":
-        info = runners["jax"].info
-        results.update(jax_compile_s=info["compile_s"], jax_convolutions=info["conv"],
-                       jax_conv_algorithm=info["algorithm"])
-        print(f"JAX: compiled the step in {info['compile_s']:.1f} s on {info['devices']}; convolutions: "
+    for name, runner_spec in specs.items():
+      runners[name] = ProcessRunner(runner_spec)
+      if runner_spec["kind"] == "jax":
+        info = runners[name].info
+        labels[name] = f"JAX {info['backend']}" + (f" ({info['conv']})" if info["backend"] == "auto" else "")
+        results[name + "_info"] = info
+        print(f"{labels[name]}: compiled the step in {info['compile_s']:.1f} s on {info['devices']}; CPU form "
               f"{info['conv']} ({info['algorithm']} 3x3)", flush=True)
     timings = run_interleaved(runners, args.warmup, args.steps)
   finally:
     for runner in runners.values():
       runner.close()
-  labels = {"jax": "JAX jit", "torch_eager": "PyTorch eager", "torch_compile": "PyTorch torch.compile"}
   for name, timing in timings.items():
     median = statistics.median(timing["times"])
     timing.update(median_step_s=median, min_step_s=min(timing["times"]), images_per_s=args.batch / median)
     results[name] = timing
     note = f"   (first step {timing['first_step_s']:.1f} s)" if name == "torch_compile" else ""
-    print(f"{labels[name]:22s} {median:9.3f} s/step (median; min {min(timing['times']):.3f}) "
+    print(f"{labels[name]:24s} {median:9.3f} s/step (median; min {min(timing['times']):.3f}) "
           f"{args.batch / median:8.2f} images/s{note}", flush=True)
-  if "jax" in timings:
+  for jax_name in [n for n in timings if n.startswith("jax")]:
     for name in ("torch_eager", "torch_compile"):
       if name in timings:
-        ratio = timings["jax"]["images_per_s"] / timings[name]["images_per_s"]
-        results[f"ratio_jax_over_{name}"] = ratio
-        median, low, high = paired_ratios(timings["jax"]["times"], timings[name]["times"])
-        results[f"paired_ratio_jax_over_{name}"] = dict(median=median, min=low, max=high)
-        print(f"ratio JAX / {labels[name]} (images/s): {ratio:.2f}x; per round: median {median:.2f}x "
-              f"(range {low:.2f}-{high:.2f}x)")
-    if "torch_eager" in timings:
-      a, b = timings["jax"]["first_metrics"], timings["torch_eager"]["first_metrics"]
-      keys = [k for k in ("total", "gen_total", "d_mr", "teacher_seg", "student_seg", "hint") if k in a and k in b]
-      print("step-1 losses, same weights and batch (JAX / PyTorch): "
-            + ", ".join(f"{k} {a[k]:.5f} / {b[k]:.5f}" for k in keys))
+        ratio = timings[jax_name]["images_per_s"] / timings[name]["images_per_s"]
+        results[f"ratio_{jax_name}_over_{name}"] = ratio
+        median, low, high = paired_ratios(timings[jax_name]["times"], timings[name]["times"])
+        results[f"paired_ratio_{jax_name}_over_{name}"] = dict(median=median, min=low, max=high)
+        print(f"ratio {labels[jax_name]} / {labels[name]} (images/s): {ratio:.2f}x; per round: median "
+              f"{median:.2f}x (range {low:.2f}-{high:.2f}x)")
+  first_jax = next((n for n in timings if n.startswith("jax")), None)
+  if first_jax and "torch_eager" in timings:
+    a, b = timings[first_jax]["first_metrics"], timings["torch_eager"]["first_metrics"]
+    keys = [k for k in ("total", "gen_total", "d_mr", "teacher_seg", "student_seg", "hint") if k in a and k in b]
+    print(f"step-1 losses, same weights and batch ({labels[first_jax]} / PyTorch): "
+          + ", ".join(f"{k} {a[k]:.5f} / {b[k]:.5f}" for k in keys))
   results["load_average_end"] = _load_average()
   print(f"at the end: {results['load_average_end']}")
   if args.json:

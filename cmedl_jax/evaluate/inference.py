@@ -19,8 +19,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from cmedl_jax import ops
 from cmedl_jax.data import preprocess
-from cmedl_jax.models import fast_conv
 from cmedl_jax.train import checkpointing, networks
 from cmedl_jax.train import state as state_lib
 from cmedl_jax.train import step as step_lib
@@ -40,12 +40,14 @@ class Predictor:
     nets: its networks.
     variables: {"params": ..., "batch_stats": ...} of the networks used at test time.
     step: the checkpoint step.
+    kernels: the CPU implementation of the ops inference traces (:mod:`cmedl_jax.ops`).
   """
 
   cfg: Any
   nets: networks.Networks
   variables: dict
   step: int
+  kernels: ops.Kernels = ops.Kernels()
 
   @property
   def test_time_network(self):
@@ -53,11 +55,21 @@ class Predictor:
     return "teacher" if self.cfg.method == "pmri_only" else "student"
 
 
-def load_predictor(workdir, step=None) -> Predictor:
+def run_kernels(cfg) -> ops.Kernels:
+  """The kernels inference uses for a run: its ``conv_backend`` and ``conv_algorithm``, except that "onednn"
+  becomes "auto" (a run trained where the library builds may be evaluated where it does not: "auto" falls back to
+  "xla" with a warning). Runs saved before the fields existed get the defaults."""
+  kernels = ops.from_config(cfg)
+  return ops.Kernels("auto", kernels.algorithm) if kernels.backend == "onednn" else kernels
+
+
+def load_predictor(workdir, step=None, kernels: ops.Kernels | None = None) -> Predictor:
   """Restores the test-time networks of the run in ``workdir`` (latest checkpoint unless ``step``).
 
-  Also selects this process's CPU convolutions from the run's ``conv_backend``: "xla" stays "xla", anything else
-  is "auto"; and the run's ``conv_algorithm`` (runs saved before the field existed: "winograd").
+  Args:
+    workdir: the run folder.
+    step: the checkpoint; default the latest.
+    kernels: the CPU implementation of the ops; default :func:`run_kernels` of the run's config.
   """
   ckpt = checkpointing.RunCheckpointer(workdir, async_save=False)
   try:
@@ -65,15 +77,13 @@ def load_predictor(workdir, step=None) -> Predictor:
     if step is None:
       raise FileNotFoundError(f"{ckpt.directory}: no checkpoint found; train first (cmedl-train)")
     cfg = ml_collections.ConfigDict(ckpt.restore_config(step))
-    # A run trained with XLA's convolutions is evaluated with them; otherwise oneDNN where it can be built (a run
-    # trained on a machine with oneDNN may be evaluated on one without: "auto" falls back with a warning).
-    fast_conv.set_backend("xla" if cfg.get("conv_backend", "auto") == "xla" else "auto")
-    fast_conv.set_algorithm(cfg.get("conv_algorithm", "winograd"))
     nets = networks.build_networks(cfg)
     optimizers = state_lib.make_optimizers(cfg, nets)
     size = cfg.data.crop_size
-    abstract = jax.eval_shape(lambda k: state_lib.create_train_state(nets, cfg, optimizers, k, (size, size, 1)),
-                              jax.random.key(0))
+    kernels = kernels or run_kernels(cfg)
+    with ops.use(kernels):
+      abstract = jax.eval_shape(lambda k: state_lib.create_train_state(nets, cfg, optimizers, k, (size, size, 1)),
+                                jax.random.key(0))
     replicated = NamedSharding(step_lib.make_mesh(), P())
     state = ckpt.restore_state_only(step, checkpointing.abstract_like(abstract, replicated))
   finally:
@@ -81,7 +91,7 @@ def load_predictor(workdir, step=None) -> Predictor:
   keep = {"student", "teacher", "gen_ct2mr"}
   variables = {"params": {k: v for k, v in state.params.items() if k in keep},
                "batch_stats": {k: v for k, v in state.batch_stats.items() if k in keep}}
-  return Predictor(cfg=cfg, nets=nets, variables=variables, step=step)
+  return Predictor(cfg=cfg, nets=nets, variables=variables, step=step, kernels=kernels)
 
 
 def _make_forward(predictor: Predictor):
@@ -99,7 +109,7 @@ def _make_forward(predictor: Predictor):
       logits, _, _ = nets.segment(nets.student, params["student"], stats["student"], inputs, train=False)
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
-  return jax.jit(forward)
+  return jax.jit(ops.using(predictor.kernels, forward))
 
 
 class VolumeSegmenter:

@@ -30,7 +30,6 @@ from cmedl_jax.models.patchnce import (
 from cmedl_jax.models.pspnet import PSPNet
 from cmedl_jax.models.resample import adaptive_avg_pool2d, resize_bilinear_align_corners
 from cmedl_jax.models.resnet_generator import CUT_NCE_LAYERS, ResnetGenerator
-from cmedl_jax.models.subpixel import conv_transpose2d, depth_to_space, torch_conv_transpose_to_subpixel
 from cmedl_jax.models.torch_names import torch_state_dict_to_variables
 from cmedl_jax.models.unet import UNet
 
@@ -54,9 +53,7 @@ __all__ = [
     "build_patch_sampler",
     "build_segmenter",
     "conv2d",
-    "conv_transpose2d",
     "count_parameters",
-    "depth_to_space",
     "gan_kernel_init",
     "instance_norm",
     "multilayer_patch_nce_loss",
@@ -64,7 +61,6 @@ __all__ = [
     "reflect_pad",
     "resize_bilinear_align_corners",
     "sample_patch_ids",
-    "torch_conv_transpose_to_subpixel",
     "torch_default_kernel_init",
     "torch_state_dict_to_variables",
 ]

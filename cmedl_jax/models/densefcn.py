@@ -28,8 +28,9 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cmedl_jax.models.layers import Conv2d, ConvTranspose2d, batch_norm, max_pool_2x2
+from cmedl_jax.models.layers import Conv2d, ConvTranspose2d, batch_norm
 from cmedl_jax.models.resample import center_crop
+from cmedl_jax.ops import max_pool_2x2
 
 DROPOUT_RATE = 0.2
 

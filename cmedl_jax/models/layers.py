@@ -1,18 +1,10 @@
-"""Layers with PyTorch semantics in forms that are fast on XLA:CPU.
+"""Layers with PyTorch semantics (NHWC activations, PyTorch-compatible parameter layout).
 
-Measured on this project's 2-core CPU (jax 0.10.2): an unpadded ("VALID") 3x3 convolution runs 3-5x slower than the
-same convolution with any non-zero padding, and the weight gradient of ``lax.conv_transpose`` is pathologically
-slow. Hence:
-
-- :func:`conv2d` implements ``torch.nn.functional.conv2d`` (+ ``padding_mode``) as: reflection padding done
-  explicitly (``jnp.pad``) and zero padding handed to the convolution; a convolution that would be unpadded is run
-  with ``SAME`` padding and the extra border outputs are cropped. All forms are bit-identical to a VALID convolution
-  of the explicitly padded input (tested).
-- the convolution itself is :func:`cmedl_jax.models.fast_conv.conv_zero_padded`, whose custom VJP keeps the
-  backward pass on fast paths too (docs/performance.md); :func:`max_pool_2x2` likewise replaces XLA's slow
-  max-pool gradient.
-- :class:`ConvTranspose2d` keeps the PyTorch-shaped kernel as its parameter and runs it as a sub-pixel convolution
-  (:mod:`cmedl_jax.models.subpixel`).
+The arithmetic under them is :mod:`cmedl_jax.ops`: :func:`conv2d` does reflection padding explicitly (``jnp.pad``)
+and hands zero padding to :func:`cmedl_jax.ops.conv2d`; :class:`ConvTranspose2d` keeps the PyTorch-shaped kernel as
+its parameter and calls :func:`cmedl_jax.ops.conv_transpose2d` (the networks pool with
+:func:`cmedl_jax.ops.max_pool_2x2`). Which form of each op runs (CPU forms or the plain ``lax`` ones) is the ops'
+business, per platform.
 
 Parameter layout (for importing PyTorch ``state_dict`` s; see docs/models.md):
 
@@ -32,12 +24,11 @@ Dense kernel        (in, out)                    ``weight`` (out, in): ``w.T``
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cmedl_jax.models import fast_conv, initializers
-from cmedl_jax.models.subpixel import conv_transpose2d
+from cmedl_jax import ops
+from cmedl_jax.models import initializers
 
 Initializer = initializers.Initializer
 PADDING_MODES = ("zeros", "reflect")
@@ -56,7 +47,7 @@ def reflect_pad(x, pad: int):
 
 
 def conv2d(x, kernel, *, stride: int = 1, padding: int = 0, padding_mode: str = "zeros", dilation: int = 1):
-  """PyTorch ``Conv2d`` arithmetic (symmetric integer padding) without XLA:CPU's slow unpadded path.
+  """PyTorch ``Conv2d`` arithmetic (symmetric integer padding, ``padding_mode``).
 
   Args:
     x: (N, H, W, in) input.
@@ -72,7 +63,7 @@ def conv2d(x, kernel, *, stride: int = 1, padding: int = 0, padding_mode: str = 
   if padding_mode == "reflect":
     x = reflect_pad(x, padding)
     padding = 0
-  return fast_conv.conv_zero_padded(x, kernel, stride, padding, dilation)
+  return ops.conv2d(x, kernel, stride=stride, padding=padding, dilation=dilation)
 
 
 def instance_norm(x, eps: float = INSTANCE_NORM_EPS):
@@ -91,51 +82,6 @@ def instance_norm(x, eps: float = INSTANCE_NORM_EPS):
   centred = xf - mean
   var = jnp.mean(jnp.square(centred), axis=(1, 2), keepdims=True)
   return (centred * lax.rsqrt(var + eps)).astype(x.dtype)
-
-
-def _pool_quadrants(x):
-  # The four members of each 2x2 window, in PyTorch's scan order (row-major within the window).
-  return x[:, 0::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 0::2], x[:, 1::2, 1::2]
-
-
-@jax.custom_vjp
-def max_pool_2x2(x):
-  """``nn.MaxPool2d(2)`` on (N, H, W, C) (odd trailing rows/columns dropped), with a fast gradient.
-
-  XLA:CPU's gradient of ``reduce_window`` max (``select_and_scatter``) is 3-4x slower than this custom VJP, which
-  routes each window's gradient to its first maximal element in row-major order, as PyTorch and XLA do (the
-  subgradient at ties is therefore the same as ``flax.linen.max_pool``'s).
-  """
-  x = x[:, :x.shape[1] // 2 * 2, :x.shape[2] // 2 * 2]
-  a, b, c, d = _pool_quadrants(x)
-  return jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
-
-
-def _max_pool_2x2_fwd(x):
-  y = max_pool_2x2(x)
-  return y, (x, y)
-
-
-def _max_pool_2x2_bwd(residuals, g):
-  x, y = residuals
-  n, h, w, ch = x.shape
-  a, b, c, _ = _pool_quadrants(x[:, :h // 2 * 2, :w // 2 * 2])
-  zero = jnp.zeros((), g.dtype)
-  taken_a = a == y
-  taken_b = (b == y) & ~taken_a
-  taken_c = (c == y) & ~(taken_a | taken_b)
-  taken_d = ~(taken_a | taken_b | taken_c)
-  ga, gb, gc, gd = (jnp.where(t, g, zero) for t in (taken_a, taken_b, taken_c, taken_d))
-  # Interleave the quadrants back: columns within each row parity, then the two row parities.
-  top = jnp.stack([ga, gb], axis=3).reshape(n, h // 2, w // 2 * 2, ch)
-  bottom = jnp.stack([gc, gd], axis=3).reshape(n, h // 2, w // 2 * 2, ch)
-  dx = jnp.stack([top, bottom], axis=2).reshape(n, h // 2 * 2, w // 2 * 2, ch)
-  if dx.shape != x.shape:
-    dx = jnp.pad(dx, ((0, 0), (0, h - dx.shape[1]), (0, w - dx.shape[2]), (0, 0)))
-  return (dx,)
-
-
-max_pool_2x2.defvjp(_max_pool_2x2_fwd, _max_pool_2x2_bwd)
 
 
 def batch_norm(train: bool, axis_name: str | None = None, name: str | None = None) -> nn.BatchNorm:
@@ -209,11 +155,11 @@ class Conv2d(nn.Module):
 
 
 class ConvTranspose2d(nn.Module):
-  """``torch.nn.ConvTranspose2d`` (square kernel) run as a sub-pixel convolution.
+  """``torch.nn.ConvTranspose2d`` (square kernel).
 
   The parameter ``transposed_kernel`` (k, k, in, out) holds PyTorch's weight (in, out, k, k) transposed by
-  (2, 3, 0, 1), not flipped; it is rearranged into the sub-pixel kernel on every call (a cheap gather), so
-  gradients and optimiser state live in the PyTorch layout and the parameter count equals PyTorch's.
+  (2, 3, 0, 1), not flipped, so gradients and optimiser state live in the PyTorch layout and the parameter count
+  equals PyTorch's (the CPU form rearranges it into a sub-pixel kernel on every call, a cheap gather).
 
   Attributes:
     features: output channels.
@@ -241,6 +187,6 @@ class ConvTranspose2d(nn.Module):
     k = self.kernel_size
     kernel = self.param("transposed_kernel", self.kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
     bias = self.param("bias", self.bias_init, (self.features,), jnp.float32) if self.use_bias else None
-    return conv_transpose2d(
+    return ops.conv_transpose2d(
         x, kernel.astype(x.dtype), None if bias is None else bias.astype(x.dtype), stride=self.stride,
         padding=self.padding, output_padding=self.output_padding)

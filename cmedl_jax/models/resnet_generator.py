@@ -21,7 +21,7 @@ residual blocks 2 and 6 (N, H/4, W/4, 4 ngf). The ReLU at layer 8 is a quirk rep
 norm output and the following ``nn.ReLU(inplace=True)`` then overwrites that very tensor; this happens for any
 tapped norm layer except the last one of an ``encode_only`` pass, where the loop stops before the ReLU.
 (CUT's default anti-aliased generator has two extra ``Downsample`` layers, which shifts the numbering; it is not
-implemented here because the DESIGN uses the CycleGAN generator for both translators.)
+implemented here because docs/design.md uses the CycleGAN generator for both translators.)
 
 Parameter names mirror PyTorch's: ``model.{i}.weight`` -> ``model_{i}/kernel`` and
 ``model.{i}.conv_block.{j}.weight`` -> ``model_{i}/conv_block_{j}/kernel`` (see docs/models.md).

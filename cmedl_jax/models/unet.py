@@ -29,8 +29,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cmedl_jax.models import initializers
-from cmedl_jax.models.layers import Conv2d, batch_norm, max_pool_2x2
+from cmedl_jax.models.layers import Conv2d, batch_norm
 from cmedl_jax.models.resample import pad_to, upsample2x_bilinear_align_corners
+from cmedl_jax.ops import max_pool_2x2
 
 
 class DoubleConv(nn.Module):

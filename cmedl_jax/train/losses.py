@@ -50,7 +50,7 @@ def soft_dice_loss(logits, labels, smooth=1.0, include_background=False):
 
 
 def segmentation_loss(logits, labels, dice_weight=1.0, dice_smooth=1.0):
-  """Softmax cross-entropy + soft Dice (DESIGN.md)."""
+  """Softmax cross-entropy + soft Dice (docs/design.md)."""
   return softmax_cross_entropy(logits, labels) + dice_weight * soft_dice_loss(logits, labels, dice_smooth)
 
 

@@ -40,7 +40,7 @@ def run(argv):
   # A resume or a second run with the same shapes skips the step's compilation (tens of seconds on a CPU).
   from cmedl_jax.utils import compilation_cache
   compilation_cache.enable_persistent_cache()
-  from cmedl_jax.models.onednn import OnednnUnavailable
+  from cmedl_jax.ops.onednn import OnednnUnavailable
   from cmedl_jax.train import trainer  # after flag parsing: keeps --help fast
   try:
     result = trainer.train(_CONFIG.value, _WORKDIR.value, progress=not _NO_PROGRESS.value)

@@ -1,7 +1,7 @@
 """The single CMEDL train step: one per-device function, run data-parallel by ``shard_map`` (default) or ``pmap``.
 
 Everything trains concurrently from one scalar loss whose gradient routing is set by where gradients are stopped
-(DESIGN.md):
+(docs/design.md, "Gradient routing"):
 
 - the generators get adversarial + cycle + identity (CycleGAN) or adversarial + PatchNCE (CUT) terms, and
   ``lambda_seg`` times the teacher's segmentation loss on pMRI = G_ct2mr(CT) (``scale_gradient``);
@@ -30,6 +30,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from cmedl_jax import ops
 from cmedl_jax.train import image_pool, losses
 from cmedl_jax.train.networks import Networks
 from cmedl_jax.train.state import AXIS, TrainState, split_groups
@@ -147,13 +148,19 @@ def compute_losses(params, batch_stats, pools, batch, key, *, nets: Networks, cf
 
 
 def make_per_device_step(nets: Networks, cfg, optimizers):
-  """The step run on every device (``axis_name="data"``): (state, local batch) -> (state, metrics, images)."""
+  """The step run on every device (``axis_name="data"``): (state, local batch) -> (state, metrics, images).
+
+  The ops inside it use the config's kernels (``conv_backend``, ``conv_algorithm``; :mod:`cmedl_jax.ops`), set
+  while the step is traced.
+  """
+  kernels = ops.from_config(cfg)
 
   def step_fn(state: TrainState, batch):
-    key = jax.random.fold_in(state.rng, state.step)
-    grad_fn = jax.grad(functools.partial(compute_losses, nets=nets, cfg=cfg), has_aux=True)
-    grads, (metrics, batch_stats, pools, images) = grad_fn(state.params, state.batch_stats, state.pools, batch,
-                                                           key)
+    with ops.use(kernels):
+      key = jax.random.fold_in(state.rng, state.step)
+      grad_fn = jax.grad(functools.partial(compute_losses, nets=nets, cfg=cfg), has_aux=True)
+      grads, (metrics, batch_stats, pools, images) = grad_fn(state.params, state.batch_stats, state.pools, batch,
+                                                             key)
     grads = _global_mean(grads)
     metrics = _global_mean(metrics)
     # BN statistics are already computed over the global batch (BatchNorm axis_name); the mean only removes

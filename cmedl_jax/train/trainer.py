@@ -23,9 +23,8 @@ import time
 import jax
 import numpy as np
 
-from cmedl_jax import distributed
+from cmedl_jax import distributed, ops
 from cmedl_jax.data import pipeline
-from cmedl_jax.models import fast_conv
 from cmedl_jax.train import checkpointing, networks, state as state_lib, step as step_lib
 from cmedl_jax.utils import png
 
@@ -175,12 +174,11 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
     cmedl_jax.errors.DataError: an unusable dataset file or folder, or an ``init_from`` folder that is not a
       converted network of this run (the message names the folder).
     NonFiniteLossError: a loss became NaN/Inf (nothing is saved for that step).
-    cmedl_jax.models.onednn.OnednnUnavailable: ``conv_backend="onednn"`` where oneDNN cannot be built.
+    cmedl_jax.ops.onednn.OnednnUnavailable: ``conv_backend="onednn"`` where the library cannot be built.
   """
   os.makedirs(workdir, exist_ok=True)
-  # Before anything is traced: the convolution library is chosen at trace time.
-  fast_conv.set_backend(cfg.get("conv_backend", "auto"))
-  fast_conv.set_algorithm(cfg.get("conv_algorithm", "winograd"))
+  kernels = ops.from_config(cfg)
+  cpu_form = ops.check(kernels)  # a missing library fails now, before the data is read
   is_main = jax.process_index() == 0
   backend = cfg.train.backend
   init_from = {name: folder for name, folder in cfg.init_from.items() if folder}
@@ -205,7 +203,7 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
   dataset = pipeline.make_train_dataset(ct, mri, global_batch_size=d.global_batch_size, crop_size=d.crop_size,
                                         seed=d.seed, foreground_fraction=d.foreground_fraction)
   data_iter = pipeline.make_train_iterator(dataset, num_workers=d.num_workers)
-  log.info("convolutions on %s: %s", jax.default_backend(), fast_conv.resolved_backend())
+  log.info("kernels on %s: %s (CPU programs: %s)", jax.default_backend(), kernels, cpu_form)
   log.info("data: %d CT volumes (%d slices), %d MRI volumes (%d slices)", len(ct.images),
                len(ct.slice_table), len(mri.images), len(mri.slice_table))
 
@@ -218,7 +216,8 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
   optimizers = state_lib.make_optimizers(cfg, nets)
   image_shape = (d.crop_size, d.crop_size, 1)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  init_fn = jax.jit(lambda key: state_lib.create_train_state(nets, cfg, optimizers, key, image_shape),
+  init_fn = jax.jit(ops.using(kernels, lambda key: state_lib.create_train_state(nets, cfg, optimizers, key,
+                                                                                image_shape)),
                     out_shardings=replicated)
   abstract_state = jax.eval_shape(init_fn, jax.random.key(cfg.seed))
   abstract_state = checkpointing.abstract_like(abstract_state, replicated)

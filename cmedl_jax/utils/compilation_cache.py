@@ -1,7 +1,7 @@
 """The persistent XLA compilation cache for the command-line tools.
 
 Compiling the CMEDL step takes tens of seconds on a CPU; with the cache a second run (a resume, an evaluation)
-reuses the executables (measured on the 2-core CPU: 9.8 s -> 2.7 s for a second process, DESIGN.md).
+reuses the executables (docs/performance.md).
 """
 
 from __future__ import annotations

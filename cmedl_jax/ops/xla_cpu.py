@@ -1,35 +1,24 @@
-"""Convolution with a custom VJP whose forward and backward passes stay on XLA:CPU's fast paths.
+"""Convolution forms that stay on XLA:CPU's fast paths (the ``xla`` CPU form of :mod:`cmedl_jax.ops`).
 
-Measured on this project's 2-core CPU (jax 0.10.2, docs/performance.md):
+Measured on 2-core x86-64 CPUs (docs/performance.md):
 
-- an unpadded ("VALID") convolution runs 3-5x slower than the same convolution with any non-zero padding, so the
-  forward pass runs unpadded convolutions as ``SAME`` ones and crops the border outputs (bit-identical);
+- an unpadded ("VALID") convolution runs 3-5x slower than the same convolution with any non-zero padding, so
+  :func:`conv_forward` runs unpadded convolutions as ``SAME`` ones and crops the border outputs (bit-identical);
 - XLA's weight-gradient convolution is 3-10x slower than the forward convolution on the large maps of the paper
-  networks (e.g. 1.7 s vs 0.1 s for the U-Net's 64-channel 256 px layer); the kernel gradient is computed instead as
-  matrix products over shifted views (:func:`conv_kernel_grad`, 0.3 s there), where that is faster
-  (:func:`use_matmul_kernel_grad`);
-- the input gradient of a stride-1 convolution is run as a padded convolution with the flipped kernel, i.e. in the
-  same fast forward form.
+  networks; :func:`conv_kernel_grad` computes the kernel gradient as matrix products over shifted views instead,
+  where that is faster (:func:`use_matmul_kernel_grad`);
+- the input gradient of a stride-1 convolution is a padded convolution with the flipped kernel, run in the same
+  fast forward form (:func:`conv_input_grad`).
 
-On CPU, with the default backend ``"auto"`` (:func:`set_backend`, ``config.conv_backend``), the forward
-convolution and both gradients run in oneDNN instead (:mod:`cmedl_jax.models.onednn`; 1.5-10x faster than XLA:CPU's
-convolutions on these layers). There, with the default algorithm ``"winograd"`` (:func:`set_algorithm`,
-``config.conv_algorithm``), 3x3 stride-1 layers with channel counts in multiples of 8 run as Winograd F(4x4, 3x3)
-(2-4x faster than oneDNN's direct kernels on the paper networks, ~1e-5 relative error; ``"direct"``: oneDNN's
-direct kernels for them). Layers with one input or output channel always run in the library's own direct kernels.
-The backend and algorithm are read when a function is traced (jitted): set them before.
+These are CPU forms: :mod:`cmedl_jax.ops.conv` stages them out for the CPU only (GPU/TPU programs get the plain
+convolution and JAX's autodiff).
 """
 
 from __future__ import annotations
 
-import functools
-import warnings
-
 import jax
 import jax.numpy as jnp
 from jax import lax
-
-from cmedl_jax.models import onednn
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 # conv_kernel_grad: kernel rows whose shifted copies take more bytes run in a lax.scan (peak memory).
@@ -40,67 +29,8 @@ _MIN_CHANNELS_PER_TAP = 64
 # use_matmul_kernel_grad: with fewer channels on the non-shifted side, XLA's weight gradient is as fast.
 _MIN_OTHER_CHANNELS = 64
 
-BACKENDS = ("auto", "onednn", "xla")
-_backend = "auto"
-_warned = []
-ALGORITHMS = ("winograd", "direct")
-_algorithm = "winograd"
 
-
-def set_backend(name: str) -> None:
-  """Convolution library for CPU: "auto" (oneDNN when it builds, else XLA), "onednn" (or fail), "xla".
-
-  Other platforms (GPU, TPU) always use XLA's convolutions. Takes effect for functions traced afterwards.
-
-  Raises:
-    ValueError: an unknown name.
-    onednn.OnednnUnavailable: "onednn" on a machine where it cannot be built or loaded.
-  """
-  global _backend
-  if name not in BACKENDS:
-    raise ValueError(f"conv_backend must be one of {BACKENDS}, got {name!r}")
-  if name == "onednn":
-    onednn.load()
-  _backend = name
-
-
-def set_algorithm(name: str) -> None:
-  """oneDNN backend only: "winograd" (F(4x4, 3x3) where it applies, direct elsewhere) or "direct" (oneDNN's).
-
-  Takes effect for functions traced afterwards. Raises ValueError for an unknown name.
-  """
-  global _algorithm
-  if name not in ALGORITHMS:
-    raise ValueError(f"conv_algorithm must be one of {ALGORITHMS}, got {name!r}")
-  _algorithm = name
-
-
-def algorithm() -> str:
-  """The algorithm set by :func:`set_algorithm` (what the oneDNN backend's 3x3 stride-1 layers use)."""
-  return _algorithm
-
-
-def resolved_backend(platform: str | None = None) -> str:
-  """The library the convolutions traced now use on ``platform`` (default: JAX's default backend)."""
-  platform = platform or jax.default_backend()
-  if platform != "cpu" or _backend == "xla":
-    return "xla"
-  if _backend == "onednn":
-    onednn.load()
-    return "onednn"
-  if onednn.available():
-    return "onednn"
-  if not _warned:
-    _warned.append(True)
-    warnings.warn("cmedl_jax: using XLA's (slower) CPU convolutions: " + onednn.unavailable_reason(), stacklevel=2)
-  return "xla"
-
-
-def _use_onednn(*arrays) -> bool:
-  return all(a.dtype == jnp.float32 for a in arrays) and resolved_backend() == "onednn"
-
-
-def _conv_forward(x, kernel, stride: int, padding: int, dilation: int):
+def conv_forward(x, kernel, stride: int, padding: int, dilation: int):
   """Zero-padded convolution with PyTorch's output size, in the form XLA:CPU runs fastest (see module docstring)."""
   kh, kw = kernel.shape[0], kernel.shape[1]
   eff_h, eff_w = dilation * (kh - 1) + 1, dilation * (kw - 1) + 1
@@ -245,53 +175,25 @@ def use_matmul_kernel_grad(out_shape, kernel_shape, stride: int = 1, padding: in
   return other_channels >= _MIN_OTHER_CHANNELS or cout == 1
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def conv_zero_padded(x, kernel, stride: int, padding: int, dilation: int):
-  """PyTorch ``conv2d`` with zero padding (HWIO kernel, NHWC), with the fast forward form and a custom VJP.
+def conv_input_grad(x, kernel, g, *, stride: int, padding: int, dilation: int):
+  """Gradient of :func:`conv_forward` with respect to its input ``x``, given the output gradient ``g``.
 
-  Gradients equal XLA's autodiff of the same convolution up to float summation order (tests/test_layers.py).
+  Stride 1 (square kernel): a convolution of ``g`` with the flipped, in/out-swapped kernel and padding
+  ``d (k - 1) - p``, run through the forward form; otherwise XLA's autodiff of the forward form.
   """
-  return _forward(x, kernel, stride, padding, dilation)
-
-
-def _onednn_geometry(stride, padding, dilation):
-  return dict(stride=(stride, stride), padding=((padding, padding), (padding, padding)),
-              dilation=(dilation, dilation), winograd=_algorithm == "winograd")
-
-
-def _forward(x, kernel, stride, padding, dilation):
-  if _use_onednn(x, kernel):
-    return onednn.conv_forward(x, kernel, **_onednn_geometry(stride, padding, dilation))
-  return _conv_forward(x, kernel, stride, padding, dilation)
-
-
-def _conv_zero_padded_fwd(x, kernel, stride, padding, dilation):
-  return _forward(x, kernel, stride, padding, dilation), (x, kernel)
-
-
-def _conv_zero_padded_bwd(stride, padding, dilation, residuals, g):
-  x, kernel = residuals
-  if _use_onednn(x, kernel, g):
-    geometry = _onednn_geometry(stride, padding, dilation)
-    dx = onednn.conv_backward_data(g, kernel, x.shape, **geometry)
-    dw = onednn.conv_backward_weights(x, g, kernel.shape, **geometry)
-    return dx, dw
   kh = kernel.shape[0]
   full = dilation * (kh - 1) - padding
   if stride == 1 and full >= 0 and kernel.shape[1] == kh:
-    # The input gradient of a stride-1 convolution is a convolution of g with the flipped, in/out-swapped kernel
-    # and padding d (k - 1) - p; running it through the forward form keeps it on XLA:CPU's fast path.
     flipped = jnp.swapaxes(kernel[::-1, ::-1], 2, 3)
-    dx = _conv_forward(g, flipped, 1, full, dilation)
-  else:
-    _, vjp = jax.vjp(lambda x: _conv_forward(x, kernel, stride, padding, dilation), x)
-    dx, = vjp(g)
+    return conv_forward(g, flipped, 1, full, dilation)
+  # At the primal itself (not a shape): the cotangent takes its type, mesh axes included; the unused forward is
+  # dropped by XLA.
+  return jax.vjp(lambda a: conv_forward(a, kernel, stride, padding, dilation), x)[1](g)[0]
+
+
+def conv_weight_grad(x, kernel, g, *, stride: int, padding: int, dilation: int):
+  """Gradient of :func:`conv_forward` with respect to its kernel: :func:`conv_kernel_grad` where
+  :func:`use_matmul_kernel_grad` says it is faster, else XLA's autodiff of the forward form."""
   if use_matmul_kernel_grad(g.shape, kernel.shape, stride, padding, dilation):
-    dw = conv_kernel_grad(x, g, kernel.shape, stride=stride, padding=padding, dilation=dilation)
-  else:
-    _, vjp = jax.vjp(lambda k: _conv_forward(x, k, stride, padding, dilation), kernel)
-    dw, = vjp(g)
-  return dx.astype(x.dtype), dw.astype(kernel.dtype)
-
-
-conv_zero_padded.defvjp(_conv_zero_padded_fwd, _conv_zero_padded_bwd)
+    return conv_kernel_grad(x, g, kernel.shape, stride=stride, padding=padding, dilation=dilation)
+  return jax.vjp(lambda k: conv_forward(x, k, stride, padding, dilation), kernel)[1](g)[0]

@@ -11,7 +11,8 @@ depth-to-space reproduces the transposed convolution exactly, including ``paddin
 decide which outputs are kept).
 
 Why: on XLA:CPU the weight gradient of ``lax.conv_transpose`` is pathologically slow (about 1.4 s for one 3x3/s2
-layer of the CycleGAN generator); the sub-pixel form is an ordinary convolution with a fast backward pass.
+layer of the CycleGAN generator); the sub-pixel form is an ordinary convolution with a fast backward pass. It is the
+CPU form of :func:`cmedl_jax.ops.conv.conv_transpose2d`; GPU/TPU programs run the plain transposed convolution.
 
 For CycleGAN's up layer (k=3, s=2, p=1, op=1) the sub-pixel kernel is 2x2 with one zero padding row/column on the
 high side, i.e. a ``SAME`` 2x2 convolution, and the output is exactly twice the input size.
@@ -25,8 +26,6 @@ import math
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-
-from cmedl_jax.models import fast_conv
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
@@ -110,7 +109,8 @@ def depth_to_space(x, block: int):
   return x.reshape(n, h * block, w * block, out_c)
 
 
-def conv_transpose2d(x, kernel, bias=None, *, stride: int, padding: int = 0, output_padding: int = 0):
+def conv_transpose2d(x, kernel, bias=None, *, stride: int, padding: int = 0, output_padding: int = 0,
+                     conv=None):
   """PyTorch ``conv_transpose2d`` (square kernel, no dilation, no groups) through a sub-pixel convolution.
 
   Args:
@@ -118,6 +118,8 @@ def conv_transpose2d(x, kernel, bias=None, *, stride: int, padding: int = 0, out
     kernel: (k, k, in, out) with ``kernel[kh, kw, i, o] == torch_weight[i, o, kh, kw]``.
     bias: optional (out,).
     stride, padding, output_padding: as in PyTorch.
+    conv: ``conv(x, kernel)``, the unpadded stride-1 convolution of the zero-padded input (e.g. a CPU form of
+      :mod:`cmedl_jax.ops.cpu_conv`); default ``lax.conv_general_dilated``.
 
   Returns:
     (N, H', W', out) with H' = (H - 1) * s - 2p + k + op (same for W).
@@ -136,11 +138,11 @@ def conv_transpose2d(x, kernel, bias=None, *, stride: int, padding: int = 0, out
     low = -offset
     high = (rows - 1 + offset + n_taps - 1) - (size - 1)
     pads.append([low, high])
-  if all(p >= 0 for pair in pads for p in pair):
-    # Explicit zero padding, then fast_conv's convolution (its forward avoids XLA:CPU's slow unpadded path, its
-    # kernel gradient is 4x faster than XLA's for the generator's up layers at 256 px).
+  if conv is not None and all(p >= 0 for pair in pads for p in pair):
+    # Explicit zero padding, then the given convolution (the CPU forms' kernel gradient is 4x faster than XLA's for
+    # the generator's up layers at 256 px).
     x = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
-    y = fast_conv.conv_zero_padded(x, sub_kernel, 1, 0, 1)
+    y = conv(x, sub_kernel)
   else:
     y = lax.conv_general_dilated(
         x, sub_kernel, window_strides=(1, 1), padding=[tuple(p) for p in pads],

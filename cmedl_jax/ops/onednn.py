@@ -1,29 +1,25 @@
-"""oneDNN convolutions inside jitted JAX code on CPU, through XLA's FFI (docs/performance.md).
+"""The library's convolutions inside jitted JAX code on CPU, through XLA's FFI (docs/performance.md).
 
-XLA:CPU's own convolutions are 1.5-10x slower than oneDNN's (what PyTorch uses) on this project's layers, which
-made the JAX step slower than PyTorch eager on CPU. This module compiles ``csrc/onednn_conv.cc`` once per machine
-(``g++``, ~10 s) against the oneDNN wheels (``onednn-cpu-gomp`` and ``onednn-devel-cpu-gomp``, dependencies of
-cmedl_jax on x86-64 Linux) and jaxlib's FFI headers, caches the library under ``$CMEDL_ONEDNN_CACHE`` (default
-``~/.cache/cmedl_jax/onednn``), registers its three handlers with XLA and exposes them as
-:func:`conv_forward`, :func:`conv_backward_data` and :func:`conv_backward_weights` (NHWC, HWIO, float32).
-
-Whether the convolutions use it is :func:`cmedl_jax.models.fast_conv.set_backend` (``config.conv_backend``):
-``"auto"`` (default) uses oneDNN on CPU when it can be built and XLA's convolutions otherwise, with one warning
-saying why; ``"onednn"`` raises :class:`OnednnUnavailable` instead; ``"xla"`` never uses it.
+This module compiles ``csrc/onednn_conv.cc`` once per machine (``g++``, ~10 s) against the oneDNN wheels
+(``onednn-cpu-gomp`` and ``onednn-devel-cpu-gomp``, dependencies of cmedl_jax on x86-64 Linux) and jaxlib's FFI
+headers, caches the library under ``$CMEDL_ONEDNN_CACHE`` (default ``~/.cache/cmedl_jax/onednn``), registers its
+three handlers with XLA for the CPU platform and exposes them as :func:`conv_forward`, :func:`conv_backward_data`
+and :func:`conv_backward_weights` (NHWC, HWIO, float32). Nothing is built until :func:`load` (the first trace of a
+CPU form that uses it: :mod:`cmedl_jax.ops.backend`).
 
 All calls of the process (every XLA thread, every CPU device) run one at a time on one executor thread of the
 library, which shares each call out over the process's cores (``OMP_NUM_THREADS`` if set;
-:func:`threads_per_call`): XLA issues independent convolutions concurrently, and run from each XLA thread they
-oversubscribed the cores with one OpenMP team per thread (quickstart step: the convolutions' busy time 0.55 -> 0.29
-s per step with the executor). The sharing is the library's own thread pool (``csrc/work_pool.h``: helpers join a
-call when they are running, instead of an OpenMP team's barrier), for its own kernels and for oneDNN's, which run as
-single-threaded parts of the batch; a batch smaller than the thread count runs as one oneDNN call with an OpenMP team.
-:func:`profile_start` / :func:`profile_stop` time the calls per geometry (``python -m cmedl_jax.bench convs``).
+:func:`threads_per_call`) with the library's own thread pool (``csrc/work_pool.h``): its own kernels split their
+loops, oneDNN's kernels run as single-threaded parts of the batch, and a batch smaller than the thread count runs
+as one oneDNN call with an OpenMP team. Every reduction across threads sums fixed parts in a fixed order, so results
+are bitwise reproducible for a given thread count (tests/test_kernels.py). :func:`profile_start` /
+:func:`profile_stop` time the calls per geometry (``python -m cmedl_jax.bench convs``).
 
 ``winograd=True`` runs 3x3, stride-1, undilated convolutions with channel counts in multiples of 8 (on AVX2 + FMA
 CPUs) as Winograd F(4x4, 3x3) transforms around oneDNN's sgemm (``csrc/winograd.h``): 4x fewer multiplications,
-2-4x faster than oneDNN's direct kernels on the paper networks' layers, at ~1e-5 relative error (a direct
-float32 convolution: ~1e-6). Other geometries ignore the flag. :func:`winograd_applies` says which.
+at ~1e-5 relative error (a direct float32 convolution: ~1e-6). Other geometries ignore the flag.
+:func:`winograd_applies` says which. Layers with one input or output channel run in the library's own direct
+kernels (``csrc/thin_conv.h``).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 // oneDNN 2-D convolutions (forward, input gradient, kernel gradient) as XLA FFI handlers for XLA:CPU.
 //
-// Built on first use by cmedl_jax/models/onednn.py (g++ against the onednn-devel-cpu-gomp headers and jaxlib's
+// Built on first use by cmedl_jax/ops/onednn.py (g++ against the onednn-devel-cpu-gomp headers and jaxlib's
 // FFI headers). Layouts are the ones cmedl_jax uses everywhere: activations NHWC, kernels HWIO (kh, kw, in, out),
 // float32. oneDNN picks its own (blocked) kernel layout; the HWIO kernel is reordered into it on every call (it
 // changes every step) and the kernel gradient is reordered back.
