@@ -245,8 +245,10 @@ void RunPrimitive(Kind kind, const Geometry& g, float* src, float* weights, floa
 }
 
 // oneDNN's kernels on the pool: the batch split into up to 2 parts per thread (kernel gradients: 1), each part a
-// single-threaded primitive (its kernel gradient a partial sum, added at the end). A batch smaller than the thread
-// count runs as one call with an OpenMP team.
+// single-threaded primitive (its kernel gradient a partial sum, added at the end in part order). The parts are
+// fixed batch ranges and each partial kernel belongs to its part, not to the thread that ran it, so the result is the
+// same in every run with the same thread count. A batch smaller than the thread count runs as one call with an
+// OpenMP team (oneDNN splits its work statically by OpenMP thread number).
 void RunOnednn(Kind kind, const Geometry& g, float* src, float* weights, float* dst) {
   const int threads = static_cast<int>(g.threads);
   // Up to 2 parts per thread balance late helpers; kernel gradients: one per thread (each part is a whole kernel).
@@ -275,7 +277,7 @@ void RunOnednn(Kind kind, const Geometry& g, float* src, float* weights, float* 
     RunPrimitive(kind, piece, src + first * src_image, piece_weights, dst + first * dst_image);
   });
   if (kind == kBackwardWeights) {
-    cmedl_pool::ParallelFor(kernel_size, threads, [&](int64_t begin, int64_t end, int) {
+    cmedl_pool::ParallelFor(kernel_size, threads, [&](int64_t begin, int64_t end, int64_t) {
       for (int64_t part = 1; part < parts; ++part) {
         const float* from = partial + (part - 1) * kernel_size;
         for (int64_t i = begin; i < end; ++i) weights[i] += from[i];

@@ -10,7 +10,8 @@
 // gradients sum x-by-dy products over all output pixels, per tap. The inner loops keep 4-8 independent FMA chains
 // (8 output pixels at a time, or 8 accumulators over columns or channel blocks) so that the FMA latency is hidden.
 // AVX2 + FMA with function-level target attributes (like winograd.h), 8 channels per vector, threads over output
-// rows (the kernel gradients: per-thread partial sums, added at the end).
+// rows (the kernel gradients: one partial sum per block of rows, added in block order, so the result does not depend
+// on which thread ran which block).
 
 #pragma once
 
@@ -233,19 +234,22 @@ inline void BackwardData(const float* dy, const float* kernel, float* dx, const 
   Forward(dy, flipped, dx, back, threads);
 }
 
-// The kernel gradient (kh, kw, in, out) of y = conv(x, kernel).
+// The kernel gradient (kh, kw, in, out) of y = conv(x, kernel): per block of output rows a partial sum, then the
+// partial sums added in block order (the blocks depend on the row count and `threads` only: work_pool.h).
 inline void KernelGradient(const float* x, const float* dy, float* dw, const Problem& p, int threads) {
   static std::vector<float> storage;
   const size_t size = (size_t)p.kh * p.kw * std::max(p.in, p.out);
-  float* partial = cmedl_winograd::Buffer(storage, size * threads);
-  std::fill_n(partial, size * threads, 0.f);
-  cmedl_pool::ParallelFor(p.n * p.out_h, threads, [&](int64_t begin, int64_t end, int worker) {
-    float* mine = partial + size * worker;
+  const int64_t rows = p.n * p.out_h;
+  const size_t blocks = (size_t)cmedl_pool::Blocks(rows, threads);
+  float* partial = cmedl_winograd::Buffer(storage, size * std::max<size_t>(1, blocks));
+  std::fill_n(partial, size * blocks, 0.f);
+  cmedl_pool::ParallelFor(rows, threads, [&](int64_t begin, int64_t end, int64_t block) {
+    float* mine = partial + size * block;
     for (int64_t r = begin; r < end; ++r) KernelGradientRow(x, dy, mine, p, r / p.out_h, r % p.out_h);
   });
   std::fill_n(dw, size, 0.f);
-  for (int t = 0; t < threads; ++t) {
-    for (size_t i = 0; i < size; ++i) dw[i] += partial[size * t + i];
+  for (size_t b = 0; b < blocks; ++b) {
+    for (size_t i = 0; i < size; ++i) dw[i] += partial[size * b + i];
   }
 }
 

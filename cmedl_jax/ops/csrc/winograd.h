@@ -29,8 +29,6 @@
 #include <cstring>
 #include <vector>
 
-#include <omp.h>
-
 #include "oneapi/dnnl/dnnl.h"
 #include "work_pool.h"
 
@@ -313,25 +311,20 @@ inline int64_t ChunkTiles(const Problem& p) {
   return std::max<int64_t>(16, std::min<int64_t>(p.Tiles(), (8 << 20) / bytes_per_tile));
 }
 
-// 36 GEMMs, one per position: in parallel (each single-threaded) with few threads, one after another (each on all
-// threads, an OpenMP team) when there are more threads than positions to share. `gemm` returns dnnl_sgemm's status;
-// false if any failed. The caller runs with one OpenMP thread (onednn_conv.cc's Run).
+// 36 GEMMs, one per position, each single-threaded: in parallel over the positions, and with more threads than
+// half the positions also over blocks of each GEMM's `rows` (its output rows). gemm(xi, begin, end) computes output
+// rows [begin, end) of position xi over the whole contraction and returns dnnl_sgemm's status; false if any failed.
+// Every output element comes from one single-threaded GEMM whose blocks depend on (rows, threads) only, so the
+// result does not depend on which thread ran what. The caller runs with one OpenMP thread (onednn_conv.cc's Run).
 template <typename Gemm>
-bool ForEachPoint(int threads, const Gemm& gemm) {
+bool ForEachPoint(int threads, int64_t rows, const Gemm& gemm) {
+  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(rows, (2 * (int64_t)threads + kPoints - 1) / kPoints));
   std::atomic<bool> ok{true};
-  if (threads <= kPoints / 2) {
-    cmedl_pool::ParallelFor(kPoints, threads, [&](int64_t begin, int64_t end, int) {
-      for (int64_t xi = begin; xi < end; ++xi) {
-        if (gemm(static_cast<int>(xi)) != dnnl_success) ok = false;
-      }
-    });
-  } else {
-    omp_set_num_threads(threads);
-    for (int xi = 0; xi < kPoints; ++xi) {
-      if (gemm(xi) != dnnl_success) ok = false;
-    }
-    omp_set_num_threads(1);
-  }
+  cmedl_pool::ForEach(kPoints * splits, threads, [&](int64_t task) {
+    const int xi = static_cast<int>(task / splits);
+    const int64_t part = task % splits, begin = rows * part / splits, end = rows * (part + 1) / splits;
+    if (begin < end && gemm(xi, begin, end) != dnnl_success) ok = false;
+  });
   return ok;
 }
 
@@ -350,13 +343,13 @@ inline bool Convolve(const float* x, const float* kernel, float* y, const Proble
   for (int64_t first = 0; first < tiles; first += chunk) {
     const int64_t count = std::min(chunk, tiles - first);
     cmedl_pool::ForEach(count, threads, [&](int64_t t) { TransformInputTile(x, p, first + t, t, chunk, v); });
-    const bool ok = ForEachPoint(threads, [&](int xi) {
-      const float* vx = v + (size_t)xi * chunk * p.in;
+    const bool ok = ForEachPoint(threads, count, [&](int xi, int64_t begin, int64_t end) {
+      const float* vx = v + ((size_t)xi * chunk + begin) * p.in;
       const float* ux = u + (size_t)xi * kin * kout;
-      float* mx = m + (size_t)xi * chunk * p.out;
-      // M (count x out) = V (count x in) . U, U stored (in x out), or (out x in) and read transposed.
-      return dnnl_sgemm('N', flip ? 'T' : 'N', count, p.out, p.in, 1.f, vx, p.in, ux, flip ? p.in : p.out, 0.f, mx,
-                        p.out);
+      float* mx = m + ((size_t)xi * chunk + begin) * p.out;
+      // M (rows x out) = V (rows x in) . U, U stored (in x out), or (out x in) and read transposed.
+      return dnnl_sgemm('N', flip ? 'T' : 'N', end - begin, p.out, p.in, 1.f, vx, p.in, ux, flip ? p.in : p.out, 0.f,
+                        mx, p.out);
     });
     if (!ok) return false;
     cmedl_pool::ForEach(count, threads, [&](int64_t t) { TransformOutputTile(m, p, first + t, t, chunk, y); });
@@ -382,10 +375,10 @@ inline bool KernelGradient(const float* x, const float* dy, float* dkernel, cons
       TransformGradientTile(dy, p, first + t, t, chunk, dm);
     });
     const float beta = first == 0 ? 0.f : 1.f;
-    const bool ok = ForEachPoint(threads, [&](int xi) {
-      // dU (in x out) += V^T (in x count) . dM (count x out)
-      return dnnl_sgemm('T', 'N', p.in, p.out, count, 1.f, v + (size_t)xi * chunk * p.in, p.in,
-                        dm + (size_t)xi * chunk * p.out, p.out, beta, du + (size_t)xi * p.in * p.out, p.out);
+    const bool ok = ForEachPoint(threads, p.in, [&](int xi, int64_t begin, int64_t end) {
+      // dU rows [begin, end) (of in x out) += V^T (those rows of in x count) . dM (count x out)
+      return dnnl_sgemm('T', 'N', end - begin, p.out, count, 1.f, v + (size_t)xi * chunk * p.in + begin, p.in,
+                        dm + (size_t)xi * chunk * p.out, p.out, beta, du + ((size_t)xi * p.in + begin) * p.out, p.out);
     });
     if (!ok) return false;
   }

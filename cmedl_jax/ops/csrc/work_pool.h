@@ -14,6 +14,11 @@
 // that decrements "blocks left" of the generation the helper saw, so a claim can only succeed while that loop is
 // published: the caller waits until every claimed block is done before it publishes the next loop, and the loop's
 // parameters, written before the caller's store of the state word, are read only after a successful claim.
+//
+// Determinism: which thread runs a block depends on scheduling, but the blocks themselves do not: the partition of
+// [0, n) depends on (n, threads) only (Blocks, BlockSize), and the body is told the index of the block it runs. A
+// reduction keeps one partial result per block and adds them in block order (never one per thread), so its result
+// is the same in every run with the same thread count.
 
 #pragma once
 
@@ -39,8 +44,25 @@
 
 namespace cmedl_pool {
 
-// body(begin, end, worker): indices [begin, end) on worker 0 (the caller) .. threads - 1.
-using Body = std::function<void(int64_t, int64_t, int)>;
+// body(begin, end, block): indices [begin, end), the block-th of the loop's blocks (see Blocks).
+using Body = std::function<void(int64_t, int64_t, int64_t)>;
+
+constexpr int kMaxThreads = 256;
+
+inline int ClampThreads(int threads) { return std::max(1, std::min(threads, kMaxThreads)); }
+
+// The size of the blocks For(n, threads, ...) splits [0, n) into: up to 8 blocks per thread.
+inline int64_t BlockSize(int64_t n, int threads) {
+  threads = ClampThreads(threads);
+  return threads == 1 ? std::max<int64_t>(1, n) : std::max<int64_t>(1, (n + 8 * threads - 1) / (8 * threads));
+}
+
+// How many blocks For(n, threads, ...) runs (block indices 0 .. Blocks - 1); a function of (n, threads) only.
+inline int64_t Blocks(int64_t n, int threads) {
+  if (n <= 0) return 0;
+  const int64_t block = BlockSize(n, threads);
+  return (n + block - 1) / block;
+}
 
 class Pool {
  public:
@@ -49,17 +71,17 @@ class Pool {
     return *pool;
   }
 
-  // Runs body over [0, n) in up to 8 blocks per thread, on the calling thread and up to threads - 1 helpers. One
-  // caller at a time (the library's executor thread; not re-entrant: body must not call For). Helpers set their
+  // Runs body over the Blocks(n, threads) blocks of [0, n), on the calling thread and up to threads - 1 helpers.
+  // One caller at a time (the library's executor thread; not re-entrant: body must not call For). Helpers set their
   // OpenMP thread count to 1 (oneDNN primitives created for one thread and sgemm run single-threaded there); the
   // caller's own count is the caller's business. An exception thrown by body on any thread is rethrown here, after
   // every claimed block has finished (the first one, if several).
   void For(int64_t n, int threads, const Body& body) {
     if (n <= 0) return;
-    threads = std::max(1, std::min(threads, kMaxThreads));
-    const int64_t block = std::max<int64_t>(1, (n + 8 * threads - 1) / (8 * threads));
-    const int64_t blocks = (n + block - 1) / block;
-    if (threads == 1 || blocks == 1) {
+    threads = ClampThreads(threads);
+    const int64_t block = BlockSize(n, threads);
+    const int64_t blocks = Blocks(n, threads);
+    if (blocks == 1) {
       body(0, n, 0);
       return;
     }
@@ -90,7 +112,6 @@ class Pool {
   }
 
  private:
-  static constexpr int kMaxThreads = 256;
   static constexpr uint64_t kBlocksMask = (1u << 24) - 1;
   static_assert(kMaxThreads - 1 <= 0xff, "helpers allowed: 8 bits of the state word");
   static_assert(8 * kMaxThreads <= kBlocksMask, "blocks left: 24 bits of the state word");
@@ -109,7 +130,7 @@ class Pool {
       const int64_t index = int64_t((state & kBlocksMask) - 1);  // blocks are claimed from the last one down
       const int64_t begin = index * block_, end = std::min(n_, begin + block_);
       try {
-        (*body_)(begin, end, worker);
+        (*body_)(begin, end, index);
       } catch (...) {  // on a helper it would end the process; the caller rethrows it
         std::lock_guard<std::mutex> lock(error_mutex_);
         if (!error_) error_ = std::current_exception();
@@ -168,13 +189,13 @@ class Pool {
   std::condition_variable wake_;
 };
 
-// Runs body over [0, n) with `threads` threads (see Pool::For).
+// Runs body over the blocks of [0, n) with `threads` threads (see Pool::For).
 inline void ParallelFor(int64_t n, int threads, const Body& body) { Pool::Get().For(n, threads, body); }
 
 // Runs f(i) for i in [0, n) with `threads` threads (see Pool::For).
 template <typename F>
 void ForEach(int64_t n, int threads, const F& f) {
-  ParallelFor(n, threads, [&](int64_t begin, int64_t end, int) {
+  ParallelFor(n, threads, [&](int64_t begin, int64_t end, int64_t) {
     for (int64_t i = begin; i < end; ++i) f(i);
   });
 }
