@@ -45,11 +45,13 @@ optim.{gen,disc,seg}       Adam lr / b1 / b2, constant then linear decay to 0 fr
                            (gen, disc: 2e-4, 0.5, 0.999; seg: 2e-4, 0.9, 0.999), optional grad_clip
 train.total_steps          optimizer steps
 train.backend              "shard_map" (jit + shard_map over a ("data",) mesh) | "pmap"
-train.log_every            steps between logged (CSV, TensorBoard) metrics
+train.log_every            steps between logged (CSV, TensorBoard) metrics; the loop syncs with the host only at
+                           log, checkpoint and preview steps
 train.checkpoint_every     steps between checkpoints (also saved at the end and on SIGTERM)
 train.preview_every        steps between PNG grids (0: never)
 train.keep_checkpoints     checkpoints kept
 train.async_checkpoint     orbax async saves
+train.prefetch_to_device   batches transferred to the devices ahead of the step that consumes them (2; 0: none)
 data.phantoms              generated phantoms: out folder, num_ct, num_mri, num_test (held-out CT cases written
                            to OUT/test/CT with seed + 1), size (in-plane voxels), slices, seed
 eval.batch_size            slices per jitted inference batch (fixed shape, padded with a mask)
@@ -99,7 +101,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict(dict(
       total_steps=20000, backend="shard_map", log_every=50, checkpoint_every=1000, preview_every=1000,
-      keep_checkpoints=3, async_checkpoint=True))
+      keep_checkpoints=3, async_checkpoint=True, prefetch_to_device=2))
   c.eval = ml_collections.ConfigDict(dict(batch_size=16, data_dir="", tolerances_mm=(2.0, 4.0),
                                            hd95_convention="deepmind"))
   return c

@@ -61,7 +61,9 @@ def run_both(cfg):
   for i in range(STEPS):
     batch = parity_batch(i)
     state, metrics, _ = train_step(state, step_lib.shard_batch(batch, mesh))
-    jax_metrics.append(jax.device_get(metrics))
+    metrics = jax.device_get(metrics)
+    assert metrics.pop("finite")  # the step's own flag (PyTorch's step has none): every term finite, update applied
+    jax_metrics.append(metrics)
     torch_metrics.append(torch_step.step(batch))
     jax_params.append(jax.device_get(state.params))
     torch_params.append(bridge.variables_from_torch(torch_step.state_dicts(), nets, (32, 32, 1))[0])

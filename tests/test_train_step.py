@@ -246,6 +246,30 @@ def test_state_is_updated_and_step_counts(cmedl_setup):
   assert max(jax.tree.leaves(stats_changed)) > 0
 
 
+@pytest.mark.parametrize("poisoned", ["ct", "mri"])
+def test_a_non_finite_step_leaves_the_whole_state_unchanged(cmedl_setup, poisoned):
+  # A NaN CT reaches every loss; a NaN MRI the translators' and discriminators' losses only (the student's stay
+  # finite): either way no update at all, as optax.apply_if_finite. The check is on device: the step's flag.
+  cfg, nets, optimizers, st = cmedl_setup
+  mesh = step_lib.make_mesh(jax.devices()[:2])
+  fn = step_lib.make_train_step(nets, cfg, optimizers, mesh=mesh)
+  batch = random_batch()
+  batch[poisoned] = batch[poisoned].copy()
+  batch[poisoned][3, 5, 7, 0] = np.nan
+  before = jax.device_get(jax.tree.map(jnp.copy, st))
+  after, metrics, _ = fn(jax.tree.map(jnp.copy, st), step_lib.shard_batch(batch, mesh))
+  metrics = jax.device_get(metrics)
+  assert not metrics["finite"] and not np.isfinite(metrics["total"])
+  assert (poisoned == "mri") == bool(np.isfinite(metrics["student_seg"]))
+  after = jax.device_get(after)
+  assert jax.tree.structure(after) == jax.tree.structure(before)
+  for a, b in zip(jax.tree.leaves(after.replace(rng=None)), jax.tree.leaves(before.replace(rng=None))):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(jax.random.key_data(after.rng), jax.random.key_data(before.rng))
+  _, clean, _ = fn(jax.tree.map(jnp.copy, st), step_lib.shard_batch(random_batch(), mesh))
+  assert bool(clean["finite"])
+
+
 @pytest.mark.parametrize("method,translator,expected", [
     ("ct_only", "cyclegan", {"student_seg"}),
     ("pmri_only", "cyclegan", {"teacher_seg", "cycle", "d_mr"}),

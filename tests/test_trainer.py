@@ -88,24 +88,37 @@ def test_sigterm_saves_and_stops(phantom_dirs, tmp_path, monkeypatch):
   assert signal.getsignal(signal.SIGTERM) is handler_before  # the trainer's handler is removed again
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(phantom_dirs, tmp_path, monkeypatch):
-  real_make = step_lib.make_train_step
+class _NanBatchAt:
+  """A data iterator whose ``index``-th batch (1-based) has a NaN CT image; state calls go to the real one."""
 
-  def make_with_nan(*args, **kwargs):
-    inner = real_make(*args, **kwargs)
-    calls = {"n": 0}
+  def __init__(self, iterator, index):
+    self._iterator, self._index, self._served = iterator, index, 0
 
-    def step(state, batch):
-      calls["n"] += 1
-      state, metrics, images = inner(state, batch)
-      if calls["n"] == 3:
-        metrics = dict(metrics, total=metrics["total"] * np.nan)
-      return state, metrics, images
-    return step
+  def __iter__(self):
+    return self
 
-  monkeypatch.setattr(step_lib, "make_train_step", make_with_nan)
-  cfg = _config(phantom_dirs, total_steps=6, checkpoint_every=2)
-  with pytest.raises(trainer.NonFiniteLossError, match=r"non-finite loss at step 3.*step 2"):
+  def __next__(self):
+    batch = next(self._iterator)
+    self._served += 1
+    if self._served == self._index:
+      batch = dict(batch, ct=np.full_like(batch["ct"], np.nan))
+    return batch
+
+  def get_state(self):
+    return self._iterator.get_state()
+
+  def set_state(self, state):
+    self._iterator.set_state(state)
+
+
+def test_non_finite_step_is_skipped_reported_at_the_next_sync_and_never_saved(phantom_dirs, tmp_path, monkeypatch):
+  from cmedl_jax.data import pipeline
+  real_iterator = pipeline.make_train_iterator
+  monkeypatch.setattr(pipeline, "make_train_iterator", lambda *a, **k: _NanBatchAt(real_iterator(*a, **k), 3))
+  # Logged every 5 steps, saved every 2: the NaN of step 3 is found at step 4's sync, before its save.
+  cfg = _config(phantom_dirs, total_steps=6, checkpoint_every=2, log_every=5)
+  with pytest.raises(trainer.NonFiniteLossError, match=r"non-finite loss or gradient at step 3: \{.*'total': nan"
+                                                       r".*last good checkpoint \(step 2\)"):
     trainer.train(cfg, str(tmp_path), progress=False)
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
 

@@ -27,6 +27,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import threading
+import time
 from typing import Optional
 
 import grain
@@ -193,10 +196,28 @@ def make_train_dataset(ct: SliceStore, mri: SliceStore, *, global_batch_size, cr
           .batch(local_batch_size, drop_remainder=True))
 
 
+def exit_with_parent(worker_index=0, worker_count=1):
+  """grain ``worker_init_fn``: the worker process exits once the process that started it is gone.
+
+  A training process killed with SIGKILL (the OOM killer, a scheduler's hard stop) cannot stop its grain workers,
+  which would otherwise live on as orphans holding their memory; a daemon thread checks the parent every second.
+  """
+  del worker_index, worker_count
+  parent = os.getppid()
+
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(1.0)
+    os._exit(0)
+
+  threading.Thread(target=watch, name="cmedl-exit-with-parent", daemon=True).start()
+
+
 def make_train_iterator(dataset: grain.MapDataset, *, num_workers=0, prefetch_buffer_size=2):
   """A checkpointable iterator over ``dataset``; worker processes (``num_workers > 0``) change no value.
 
   Worker processes re-import the main module: scripts using them need an ``if __name__ == "__main__":`` guard.
+  They exit when this process dies (:func:`exit_with_parent`).
   """
   iter_ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0 if num_workers else 2,
                                                       prefetch_buffer_size=prefetch_buffer_size))
@@ -206,5 +227,6 @@ def make_train_iterator(dataset: grain.MapDataset, *, num_workers=0, prefetch_bu
     from absl import flags
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
-    iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
+                                  worker_init_fn=exit_with_parent)
   return iter(iter_ds)

@@ -34,12 +34,21 @@ class RunCheckpointer:
   def latest_step(self):
     return self.manager.latest_step()
 
-  def save(self, step, state, data_iterator, config_dict, *, force=False):
-    """Starts an (async) save; the iterator state is captured now, the arrays are written in the background."""
+  def save(self, step, state, data_position, config_dict, *, force=False):
+    """Starts an (async) save of ``state`` at ``step``; the arrays are written in the background.
+
+    Args:
+      step: the step number (the checkpoint's name).
+      state: the train state after that step.
+      data_position: the grain iterator's state (``get_state()``) right after the last batch the step consumed;
+        restoring it makes the iterator yield the batch of the next step (the trainer's prefetch may be ahead).
+      config_dict: the resolved config, saved as JSON beside them.
+      force: save even when ``step`` is not a multiple of the manager's interval.
+    """
     saved = self.manager.save(
         int(step),
         args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                data=grain.checkpoint.CheckpointSave(data_iterator),
+                                data=grain.checkpoint.CheckpointSave(_Position(data_position)),
                                 config=ocp.args.JsonSave(json.loads(json.dumps(config_dict, default=str)))),
         force=force)
     if saved:
@@ -82,12 +91,19 @@ class RunCheckpointer:
     step = self.latest_step() if step is None else step
     return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
-  def wait(self):
-    self.manager.wait_until_finished()
-
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+class _Position:
+  """A recorded iterator state in the form grain's checkpoint handler saves (``get_state()`` -> JSON bytes)."""
+
+  def __init__(self, state):
+    self._state = json.dumps(state, indent=4).encode()
+
+  def get_state(self):
+    return self._state
 
 
 def abstract_like(tree, sharding=None):

@@ -151,7 +151,9 @@ def make_per_device_step(nets: Networks, cfg, optimizers):
   """The step run on every device (``axis_name="data"``): (state, local batch) -> (state, metrics, images).
 
   The ops inside it use the config's kernels (``conv_backend``, ``conv_algorithm``; :mod:`cmedl_jax.ops`), set
-  while the step is traced.
+  while the step is traced. ``metrics["finite"]`` says whether every loss and gradient norm of the step was finite;
+  where one is not, the step applies no update: the returned state is the input state, unchanged in every leaf
+  (params, optimizer states, batch statistics, image pools, step), as ``optax.apply_if_finite`` skips updates.
   """
   kernels = ops.from_config(cfg)
 
@@ -173,8 +175,16 @@ def make_per_device_step(nets: Networks, cfg, optimizers):
                                                  grouped_params[group])
       new_params.update(optax.apply_updates(grouped_params[group], updates))
       metrics[f"grad_norm_{group}"] = optax.tree.norm(grouped_grads[group])
-    new_state = state.replace(step=state.step + 1, params=new_params, batch_stats=batch_stats,
-                              opt_state=new_opt_state, pools=pools)
+    # The metrics are global means, so every device takes the same decision.
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(metrics)]))
+
+    def if_finite(new, old):
+      return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+    new_state = state.replace(step=if_finite(state.step + 1, state.step), params=if_finite(new_params, state.params),
+                              batch_stats=if_finite(batch_stats, state.batch_stats),
+                              opt_state=if_finite(new_opt_state, state.opt_state), pools=if_finite(pools, state.pools))
+    metrics["finite"] = finite
     return new_state, metrics, images
 
   return step_fn

@@ -1,16 +1,26 @@
 """The CMEDL trainer: data, state, the jitted step, logging, previews, checkpoints.
 
-Resume order (any interruption, including SIGTERM on preemption, restarts here with the same workdir):
+Resume order (any interruption, including SIGTERM on preemption or SIGKILL, restarts here with the same workdir):
   1. the config is taken from the command line (the checkpoint's resolved config is only written, never read,
      so a run can be resumed with, e.g., more steps);
-  2. the latest checkpoint of WORKDIR/checkpoints is restored into the abstract state (params, BN statistics,
-     optimizer states, image pools, rng, step) and the grain iterator is rewound to the batch after it;
-  3. training continues from state.step; the step's randomness is fold_in(rng, step), so the continuation is the
-     same as an uninterrupted run.
+  2. the latest complete checkpoint of WORKDIR/checkpoints is restored into the abstract state (params, BN
+     statistics, optimizer states, image pools, rng, step) and the grain iterator is set to the position after the
+     last batch that step consumed (a save interrupted by the kill is not complete and is ignored);
+  3. rows of metrics.csv past that step (logged by the interrupted process) are dropped: they are logged again,
+     with the same values (a fresh start moves an existing metrics.csv aside instead);
+  4. training continues from state.step; the step's randomness is fold_in(rng, step), and every kernel sums in a
+     fixed order, so the continuation is bitwise the same as an uninterrupted run.
+
+The loop syncs with the host only at log, checkpoint and preview steps (and the last): between them steps are
+dispatched asynchronously, at most two in flight, with batches prefetched to the devices
+(``train.prefetch_to_device``). A step whose losses or gradients are not finite leaves the state unchanged on the
+device (:func:`cmedl_jax.train.step.make_per_device_step`); its flag is read at the next sync, and before every
+save, and the run stops naming it, with nothing non-finite saved.
 """
 
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
 import json
@@ -25,7 +35,7 @@ import numpy as np
 
 from cmedl_jax import distributed, ops
 from cmedl_jax.data import pipeline
-from cmedl_jax.train import checkpointing, networks, state as state_lib, step as step_lib
+from cmedl_jax.train import checkpointing, device_feed, networks, state as state_lib, step as step_lib
 from cmedl_jax.utils import png
 
 log = logging.getLogger(__name__)
@@ -45,7 +55,7 @@ class TrainResult:
 
 
 class _SigtermFlag:
-  """Turns SIGTERM into a flag checked once per step (save, then exit cleanly)."""
+  """Turns SIGTERM into a flag the loop checks (save, then exit cleanly)."""
 
   def __init__(self):
     self.raised = False
@@ -82,6 +92,31 @@ class MetricWriter:
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
       except ImportError:
         log.info("tensorboardX not installed: metrics go to %s only", self.path)
+
+  def start_at(self, step):
+    """Prepares metrics.csv for a run continuing after ``step`` (0: a fresh run).
+
+    A fresh run moves an existing metrics.csv aside (``metrics.csv.<time>.old``: never appended to or deleted); a
+    resumed run drops the rows past ``step`` (logged by the interrupted process; logged again now), atomically.
+    """
+    if not self.enabled or not os.path.exists(self.path):
+      return
+    if step == 0:
+      os.replace(self.path, self.path + f".{int(time.time())}.old")
+      return
+    with open(self.path, newline="") as f:
+      rows = list(csv.reader(f))
+    if len(rows) < 2:
+      return
+    header = rows[0]
+    step_column = header.index("step") if "step" in header else 0
+    kept = [header] + [row for row in rows[1:] if row and int(float(row[step_column])) <= step]
+    if len(kept) == len(rows):
+      return
+    tmp = self.path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+      csv.writer(f).writerows(kept)
+    os.replace(tmp, self.path)
 
   def write(self, step, metrics):
     if not self.enabled:
@@ -160,6 +195,19 @@ def _to_host(tree, backend):
   return step_lib.unreplicate(tree) if backend == "pmap" else tree
 
 
+def _check_finite(pending, ckpt, backend):
+  """Raises NonFiniteLossError for the first step in ``pending`` [(step, finite flag, metrics)] that was not finite."""
+  flags = jax.device_get([finite for _, finite, _ in pending])
+  for (step_number, _, metrics), finite in zip(pending, flags):
+    if not np.all(finite):
+      bad = {k: float(v) for k, v in _to_host(metrics, backend).items()
+             if k != "finite" and not math.isfinite(float(v))}
+      raise NonFiniteLossError(
+          f"non-finite loss or gradient at step {step_number}: {bad}; the step was skipped and nothing after it "
+          f"saved. The last good checkpoint (step {ckpt.latest_step()}) in {ckpt.directory} is kept; lower the "
+          "learning rates or check the data (cmedl-data check) before resuming.")
+
+
 def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
   """Trains (or resumes) the run of ``cfg`` in ``workdir``.
 
@@ -173,7 +221,7 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
   Raises:
     cmedl_jax.errors.DataError: an unusable dataset file or folder, or an ``init_from`` folder that is not a
       converted network of this run (the message names the folder).
-    NonFiniteLossError: a loss became NaN/Inf (nothing is saved for that step).
+    NonFiniteLossError: a loss or gradient became NaN/Inf (nothing is saved from that step on).
     cmedl_jax.ops.onednn.OnednnUnavailable: ``conv_backend="onednn"`` where the library cannot be built.
   """
   os.makedirs(workdir, exist_ok=True)
@@ -205,7 +253,7 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
   data_iter = pipeline.make_train_iterator(dataset, num_workers=d.num_workers)
   log.info("kernels on %s: %s (CPU programs: %s)", jax.default_backend(), kernels, cpu_form)
   log.info("data: %d CT volumes (%d slices), %d MRI volumes (%d slices)", len(ct.images),
-               len(ct.slice_table), len(mri.images), len(mri.slice_table))
+           len(ct.slice_table), len(mri.images), len(mri.slice_table))
 
   # ======================================================================== model and state
   mesh = step_lib.make_mesh()
@@ -223,6 +271,7 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
   abstract_state = checkpointing.abstract_like(abstract_state, replicated)
   ckpt = checkpointing.RunCheckpointer(workdir, max_to_keep=cfg.train.keep_checkpoints,
                                        async_save=cfg.train.async_checkpoint)
+  writer = MetricWriter(workdir, enabled=is_main)
   latest = ckpt.latest_step()
   if latest is not None:
     # Resume: state and data position come from the checkpoint (see the module docstring for the order).
@@ -258,18 +307,19 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
       return jax.tree.map(lambda x: x.reshape((jax.local_device_count(), -1) + x.shape[1:]), arrays)
     return step_lib.shard_batch(arrays, mesh)
 
-  def save(step_number, force=False):
+  def save(step_number, data_position, force=False):
     # [multi-process] orbax takes global arrays only: pmap's per-process copy (that of the first local device,
     # taken without a multi-device computation) is put back on `replicated`.
     saved_state = state if backend != "pmap" else distributed.as_replicated(
         jax.tree.map(lambda x: x.addressable_data(0)[0], state), replicated)
-    ckpt.save(step_number, saved_state, data_iter, config_dict, force=force)
+    ckpt.save(step_number, saved_state, data_position, config_dict, force=force)
 
   # ======================================================================== training loop
   start_step = int(_to_host(state.step, backend))
+  writer.start_at(start_step)
   total_steps = int(cfg.train.total_steps)
   end_step = total_steps if max_steps is None else min(total_steps, start_step + int(max_steps))
-  writer = MetricWriter(workdir, enabled=is_main)
+  feed = device_feed.DeviceFeed(data_iter, device_batch, depth=int(cfg.train.prefetch_to_device))
   history, last_metrics, stopped = [], {}, False
   bar = None
   if progress and is_main:
@@ -277,45 +327,53 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
     bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
   step_number = start_step
   t_last, steps_since = time.time(), 0
+  pending = []  # (step, finite flag, metrics) of the steps since the last sync, still on the devices
+  in_flight = collections.deque()  # the last steps' finite flags: at most two steps are dispatched ahead
   try:
     with _SigtermFlag() as sigterm:
       while step_number < end_step:
-        host_batch = next(data_iter)
-        state, metrics, images = train_step(state, device_batch(host_batch))
+        fed = next(feed)
+        state, metrics, images = train_step(state, fed.device)
         step_number += 1
         steps_since += 1
-        metrics = _to_host(metrics, backend)
-        # Every step: a NaN would otherwise be saved into the next checkpoint.
-        if not all(math.isfinite(float(v)) for v in metrics.values()):
-          bad = {k: float(v) for k, v in metrics.items() if not math.isfinite(float(v))}
-          raise NonFiniteLossError(
-              f"non-finite loss at step {step_number}: {bad}; stopping. The last good checkpoint "
-              f"(step {ckpt.latest_step()}) in {ckpt.directory} is kept; lower the learning rates or check the "
-              "data (cmedl-data check) before resuming.")
-        last_metrics = {k: float(v) for k, v in metrics.items()}
-        if step_number % cfg.train.log_every == 0 or step_number == end_step:
+        pending.append((step_number, metrics["finite"], metrics))
+        in_flight.append(metrics["finite"])
+        if len(in_flight) > 2:
+          in_flight.popleft().block_until_ready()  # waits for step n-2 only: the devices stay busy
+        if bar is not None:
+          bar.update(1)
+        log_now = step_number % cfg.train.log_every == 0 or step_number == end_step
+        save_now = step_number % cfg.train.checkpoint_every == 0 or step_number == end_step
+        preview_now = bool(cfg.train.preview_every) and (step_number % cfg.train.preview_every == 0
+                                                         or step_number == end_step)
+        sync = log_now or save_now or preview_now
+        # [multi-process] SIGTERM reaches the processes at different steps; they agree (a collective) at the sync
+        # steps, which are the same on every process. A single process acts on it at once.
+        stop = (distributed.any_process(sigterm.raised) if sync else False) if multi_process else sigterm.raised
+        if not (sync or stop):
+          continue
+        # ---------------------------------------------------------------------- sync with the host
+        _check_finite(pending, ckpt, backend)
+        pending = []
+        if log_now:
+          last_metrics = {k: float(v) for k, v in _to_host(metrics, backend).items() if k != "finite"}
           elapsed = time.time() - t_last
           last_metrics["steps_per_second"] = steps_since / max(elapsed, 1e-9)
           t_last, steps_since = time.time(), 0
           writer.write(step_number, last_metrics)
           history.append({"step": step_number, **last_metrics})
-        if bar is not None:
-          bar.update(1)
-          bar.set_postfix({k: f"{last_metrics[k]:.3f}" for k in ("total", "student_seg", "teacher_seg", "hint")
-                           if k in last_metrics})
-        if is_main and cfg.train.preview_every and (step_number % cfg.train.preview_every == 0
-                                                    or step_number == end_step):
+          if bar is not None:
+            bar.set_postfix({k: f"{last_metrics[k]:.3f}" for k in ("total", "student_seg", "teacher_seg", "hint")
+                             if k in last_metrics})
+        if preview_now and is_main:
           if backend == "pmap":
             images_host = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), jax.device_get(images))
           else:  # [multi-process] the rows of host_batch: other processes' rows cannot be fetched here
             images_host = jax.tree.map(distributed.process_local_rows, images)
-          write_preview(os.path.join(workdir, "previews", f"step_{step_number:07d}.png"), host_batch,
-                        images_host)
-        if step_number % cfg.train.checkpoint_every == 0 or step_number == end_step:
-          save(step_number)
-        # [multi-process] SIGTERM reaches the processes at different steps; all must stop at the same one.
-        if distributed.any_process(sigterm.raised):
-          save(step_number, force=True)
+          write_preview(os.path.join(workdir, "previews", f"step_{step_number:07d}.png"), fed.host, images_host)
+        if save_now or stop:
+          save(step_number, fed.position, force=stop)
+        if stop:
           stopped = True
           break
   finally:
