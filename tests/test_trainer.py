@@ -65,6 +65,31 @@ def test_kill_and_resume_gives_the_same_losses(phantom_dirs, uninterrupted, tmp_
     np.testing.assert_allclose(resumed[step], expected[step], rtol=1e-5, err_msg=f"step {step}")
 
 
+def test_the_loop_copies_to_the_host_only_at_log_checkpoint_and_preview_steps(phantom_dirs, tmp_path, monkeypatch):
+  real_make, real_device_get = step_lib.make_train_step, jax.device_get
+  dispatched, copies = [0], []
+
+  def make_counting(*args, **kwargs):
+    inner = real_make(*args, **kwargs)
+
+    def step(state, batch):
+      dispatched[0] += 1
+      return inner(state, batch)
+    return step
+
+  def device_get(tree):
+    copies.append(dispatched[0])
+    return real_device_get(tree)
+
+  monkeypatch.setattr(step_lib, "make_train_step", make_counting)
+  monkeypatch.setattr(jax, "device_get", device_get)
+  cfg = _config(phantom_dirs, total_steps=9, log_every=4, checkpoint_every=6, preview_every=0)
+  result = trainer.train(cfg, str(tmp_path), progress=False)
+  assert [h["step"] for h in result.history] == [4, 8, 9]
+  # The first copy reads the step of the fresh state (before any step); then only the sync steps 4, 6, 8, 9.
+  assert set(copies) == {0, 4, 6, 8, 9}, copies
+
+
 def test_sigterm_saves_and_stops(phantom_dirs, tmp_path, monkeypatch):
   real_make = step_lib.make_train_step
 
