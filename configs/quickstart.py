@@ -7,19 +7,13 @@ Launch:
 Expected: phantoms (8 CT + 8 unpaired MRI for training, 4 held-out CT for testing) are generated into
 runs/phantoms on the first run; 600 steps of batch 8 at 64x64 px; the student's loss falls from ~1.4 to ~0.4,
 the previews in runs/quickstart/previews show pMRI and teacher/student masks on the tumors, and the held-out
-evaluation is written to runs/quickstart/eval/CT. Measured on a fresh 2-core machine: student DSC 0.38 +- 0.25,
-sDSC@2mm 0.43, HD95 24 mm, with ~6 small false-positive components per case (on another 2-core machine, with
-the later layer forms of docs/performance.md, same seeds: DSC 0.52 +- 0.20, sDSC@2mm 0.55, HD95 19 mm, in 4.3
-minutes with the install; with the Winograd 3x3 convolutions (conv_algorithm, numerically ~1e-6 off the direct
-ones, so the run takes another trajectory): DSC 0.46 +- 0.30, sDSC@2mm 0.50, HD95 20 mm, in 4.1 minutes; with the
-library's thread pool (oneDNN's kernel gradients summed over batch parts: another float trajectory again), on a
-clean clone: DSC 0.48 +- 0.24 and 0.53 +- 0.18 in two runs, sDSC@2mm 0.55-0.58, HD95 20-21 mm, in 2.6-3.2
-minutes with the install -- runs differ in float rounding, the one-channel kernel gradients adding per-thread sums;
-docs/RESULTS.md has 3 seeds x 8 held-out cases of this config); continuing to 1200 steps
-(--config.train.total_steps=1200) removed the false positives (HD95 13 mm, DSC 0.32). Tumors inside the lung are
-segmented almost perfectly (per-lesion DSC 0.99 in lesions.csv); the low-contrast tumors abutting the mediastinum
-are the hard part on CT, which is what CMEDL's MRI teacher is meant to help with over long runs.
-Runtime: ~3-5 minutes on a 2-core CPU (compilation ~1 minute of it).
+evaluation is written to runs/quickstart/eval/CT: on a 2-core x86-64 machine with the default kernels, student
+DSC 0.47 +- 0.27, sDSC@2mm 0.53, HD95 21 mm, a few small false-positive components per case, in ~3 minutes
+(compilation ~1 minute of it). Runs are bitwise reproducible on one machine and thread count (a second run gives
+the same metrics.csv and scores); another machine or thread count rounds differently and ends elsewhere (other
+2-core machines gave DSC 0.38-0.53). Tumors inside the lung are segmented well; the low-contrast tumors abutting
+the mediastinum are the hard part on CT, which is what CMEDL's MRI teacher is meant to help with over long runs
+(docs/RESULTS.md has 3 seeds x 8 held-out cases of this config; --config.train.total_steps=1200 continues a run).
 
 Deviation from the paper-scale defaults, on purpose: lambda_hint = 0.1 instead of 1. In a run of a few hundred
 steps the teacher is still poor when the hint starts pulling, and with lambda_hint = 1 the student predicted no

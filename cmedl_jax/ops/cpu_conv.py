@@ -2,8 +2,8 @@
 
 ``library`` "onednn" runs the forward pass and both gradients as the FFI calls of :mod:`cmedl_jax.ops.onednn`
 (float32 only; other dtypes take the XLA forms), "xla" the forms of :mod:`cmedl_jax.ops.xla_cpu`. Both give the
-gradients of the plain convolution up to float summation order (tests/test_ops.py). Only
-:func:`cmedl_jax.ops.conv.conv2d`'s CPU branch calls this: its custom calls exist for the CPU alone.
+gradients of the plain convolution up to float summation order (tests/test_ops.py). Only the CPU branches of
+:mod:`cmedl_jax.ops.conv` call this: its custom calls exist for the CPU alone.
 """
 
 from __future__ import annotations
