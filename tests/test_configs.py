@@ -51,7 +51,7 @@ def test_config_traces(name, arg):
   if cfg.method == "ct_only":
     assert set(counts) == {"student"}
   if name != "quickstart" and cfg.translator == "cyclegan" and cfg.method != "ct_only":
-    # DESIGN.md: ResNet generator ~11.4M, 70x70 PatchGAN ~2.8M (1-channel images)
+    # docs/design.md defaults: ResNet generator ~11.4M, 70x70 PatchGAN ~2.8M (1-channel images)
     assert abs(counts["gen_ct2mr"] - 11.378e6) / 11.378e6 < 0.01
     assert abs(counts["disc_mr"] - 2.763e6) / 2.763e6 < 0.01
   if name == "cmedl" and cfg.model.segmenter == "unet":

@@ -198,10 +198,12 @@ def test_auto_falls_back_to_xla_with_one_warning(monkeypatch):
   assert ops.cpu_form(PLAIN) == "plain"
 
 
-def test_auto_builds_nothing_in_a_gpu_or_tpu_process(monkeypatch):
+@pytest.mark.parametrize("backend", ["auto", "onednn"])
+def test_nothing_is_built_in_a_gpu_or_tpu_process(monkeypatch, backend):
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   monkeypatch.setattr(onednn, "available", lambda: pytest.fail("the library was asked for"))
-  assert ops.cpu_form(ops.Kernels("auto")) == "xla"
+  monkeypatch.setattr(onednn, "load", lambda: pytest.fail("the library was asked for"))
+  assert ops.cpu_form(ops.Kernels(backend)) == "xla"
 
 
 def test_onednn_fails_where_the_library_is_missing(monkeypatch):
@@ -209,7 +211,7 @@ def test_onednn_fails_where_the_library_is_missing(monkeypatch):
     raise onednn.OnednnUnavailable("no C++ compiler found")
   monkeypatch.setattr(onednn, "load", missing)
   with pytest.raises(onednn.OnednnUnavailable, match="no C"):
-    ops.check(ops.Kernels("onednn"))
+    ops.cpu_form(ops.Kernels("onednn"))
 
 
 def test_importing_and_building_the_networks_builds_no_cpp(tmp_path):

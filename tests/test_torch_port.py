@@ -340,3 +340,19 @@ def test_paired_ratios_compare_steps_of_the_same_round():
   assert step_bench.paired_ratios(jax_times, torch_times) == pytest.approx((2.0, 1.5, 2.0))
   with pytest.raises(ValueError):
     step_bench.paired_ratios([], [])
+
+
+def test_step_bench_runs_the_default_and_every_other_cpu_form_once(monkeypatch):
+  from cmedl_jax.bench import step_bench
+  spec = dict(config="quickstart", size=32, batch=2, conv_algorithm=None)
+  for resolved in ("onednn", "xla"):  # what "auto" resolves to, with and without the library
+    monkeypatch.setattr(ops, "cpu_form", lambda kernels, resolved=resolved: resolved)
+    specs = step_bench.jax_runner_specs(spec, ["default", "onednn", "xla", "plain"])
+    others = [f for f in ("onednn", "xla", "plain") if f != resolved]
+    assert list(specs) == ["jax"] + [f"jax_{f}" for f in others]
+    assert [s["conv_backend"] for s in specs.values()] == ["default"] + others
+    assert all(s["kind"] == "jax" for s in specs.values())
+  assert step_bench.jax_config({**spec, "conv_backend": "plain"}).conv_backend == "plain"
+  assert step_bench.jax_config({**spec, "conv_backend": "default"}).conv_backend == "auto"
+  with pytest.raises(SystemExit, match="unknown 'mkl'"):
+    step_bench.jax_runner_specs(spec, ["mkl"])

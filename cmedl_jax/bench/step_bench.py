@@ -99,6 +99,7 @@ class JaxRunner:
   def __init__(self, cfg, state_dicts, batch, image_shape):
     import jax
 
+    from cmedl_jax import ops
     from cmedl_jax.torch_port import bridge
     from cmedl_jax.train import networks
     from cmedl_jax.train import state as state_lib
@@ -108,7 +109,8 @@ class JaxRunner:
     nets = networks.build_networks(cfg)
     optimizers = state_lib.make_optimizers(cfg, nets)
     mesh = step_lib.make_mesh()
-    self.state = bridge.train_state_from_torch(state_dicts, nets, cfg, optimizers, image_shape, mesh=mesh)
+    with ops.use(ops.from_config(cfg)):  # the conversion traces the networks (their variables' shapes)
+      self.state = bridge.train_state_from_torch(state_dicts, nets, cfg, optimizers, image_shape, mesh=mesh)
     self.batch = step_lib.shard_batch(batch, mesh)
     train_step = step_lib.make_train_step(nets, cfg, optimizers, mesh=mesh)
     t0 = time.perf_counter()

@@ -7,8 +7,7 @@ passed to an op. Importing this package builds nothing; the library (``csrc/``, 
 a CPU form that needs it is traced. docs/design.md ("Kernels") and docs/performance.md describe the forms.
 """
 
-from cmedl_jax.ops.backend import (ALGORITHMS, BACKENDS, Kernels, check, cpu_form, current, from_config, use,
-                                   using)
+from cmedl_jax.ops.backend import ALGORITHMS, BACKENDS, Kernels, cpu_form, current, from_config, use, using
 from cmedl_jax.ops.conv import conv2d, conv_transpose2d, plain_conv2d, plain_conv_transpose2d
 from cmedl_jax.ops.pooling import max_pool_2x2, plain_max_pool_2x2
 
@@ -16,7 +15,6 @@ __all__ = [
     "ALGORITHMS",
     "BACKENDS",
     "Kernels",
-    "check",
     "conv2d",
     "conv_transpose2d",
     "cpu_form",

@@ -8,14 +8,15 @@ chosen here is the CPU form:
 =========  ==========================================================================================================
 backend    CPU form
 =========  ==========================================================================================================
-auto       ``onednn`` where the library builds on this machine (and the process's default platform is the CPU),
-           else ``xla``, with one warning naming the reason (default)
+auto       ``onednn`` where the library builds on this machine, else ``xla``, with one warning naming the reason
+           (default)
 onednn     the library's convolutions through XLA's FFI (:mod:`cmedl_jax.ops.onednn`); fails where it cannot be built
 xla        XLA forms tuned for XLA:CPU (:mod:`cmedl_jax.ops.xla_cpu`)
 plain      the plain form on the CPU too
 =========  ==========================================================================================================
 
-``algorithm`` ("winograd" | "direct") selects the library's 3x3 stride-1 kernels (``onednn`` only).
+``algorithm`` ("winograd" | "direct") selects the library's 3x3 stride-1 kernels (``onednn`` only). In a process whose
+default platform is a GPU or TPU, ``auto`` and ``onednn`` give ``xla`` (:func:`cpu_form`): nothing is built there.
 
 The choice is read when a function is traced: :func:`use` sets it for the code traced inside it, :func:`using` wraps
 a function so that its body (every trace of it, e.g. under ``jax.jit``) runs inside it, and each op also takes it
@@ -93,28 +94,25 @@ def current() -> Kernels:
 def cpu_form(kernels: Kernels | None = None) -> str:
   """What the CPU form of the ops traced now is: "onednn", "xla" or "plain".
 
+  "auto" and "onednn" give "xla" in a process whose default platform is not the CPU: its programs run on the GPU or
+  TPU and hold the plain form; the CPU branch, for its rare CPU programs, is not worth building C++ for (nor failing
+  on a host without a compiler).
+
   Raises:
-    cmedl_jax.ops.onednn.OnednnUnavailable: backend "onednn" where the library cannot be built or loaded.
+    cmedl_jax.ops.onednn.OnednnUnavailable: backend "onednn" on a CPU where the library cannot be built or loaded.
   """
   from cmedl_jax.ops import onednn  # builds nothing until load()
   kernels = kernels or current()
   if kernels.backend in ("xla", "plain"):
     return kernels.backend
+  if jax.default_backend() != "cpu":
+    return "xla"
   if kernels.backend == "onednn":
     onednn.load()
     return "onednn"
-  # auto: the library serves CPU programs of a CPU process; a GPU/TPU process keeps XLA's forms for its rare CPU
-  # programs rather than building C++ it will not use.
-  if jax.default_backend() != "cpu":
-    return "xla"
   if onednn.available():
     return "onednn"
   if not _warned_fallback:
     _warned_fallback.append(True)
     warnings.warn("cmedl_jax: using XLA's (slower) CPU convolutions: " + onednn.unavailable_reason(), stacklevel=2)
   return "xla"
-
-
-def check(kernels: Kernels) -> str:
-  """Resolves ``kernels`` now (before anything is traced), so that a missing library fails early; see :func:`cpu_form`."""
-  return cpu_form(kernels)

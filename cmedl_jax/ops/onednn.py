@@ -12,7 +12,7 @@ library, which shares each call out over the process's cores (``OMP_NUM_THREADS`
 :func:`threads_per_call`) with the library's own thread pool (``csrc/work_pool.h``): its own kernels split their
 loops, oneDNN's kernels run as single-threaded parts of the batch, and a batch smaller than the thread count runs
 as one oneDNN call with an OpenMP team. Every reduction across threads sums fixed parts in a fixed order, so results
-are bitwise reproducible for a given thread count (tests/test_kernels.py). :func:`profile_start` /
+are bitwise reproducible for a given thread count (tests/test_work_pool.py). :func:`profile_start` /
 :func:`profile_stop` time the calls per geometry (``python -m cmedl_jax.bench convs``).
 
 ``winograd=True`` runs 3x3, stride-1, undilated convolutions with channel counts in multiples of 8 (on AVX2 + FMA

@@ -20,7 +20,6 @@ save, and the run stops naming it, with nothing non-finite saved.
 
 from __future__ import annotations
 
-import collections
 import csv
 import dataclasses
 import json
@@ -110,7 +109,8 @@ class MetricWriter:
       return
     header = rows[0]
     step_column = header.index("step") if "step" in header else 0
-    kept = [header] + [row for row in rows[1:] if row and int(float(row[step_column])) <= step]
+    # (A row cut short by a kill is dropped too.)
+    kept = [header] + [row for row in rows[1:] if len(row) == len(header) and int(float(row[step_column])) <= step]
     if len(kept) == len(rows):
       return
     tmp = self.path + ".tmp"
@@ -226,7 +226,7 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
   """
   os.makedirs(workdir, exist_ok=True)
   kernels = ops.from_config(cfg)
-  cpu_form = ops.check(kernels)  # a missing library fails now, before the data is read
+  cpu_form = ops.cpu_form(kernels)  # a missing library fails now, before the data is read
   is_main = jax.process_index() == 0
   backend = cfg.train.backend
   init_from = {name: folder for name, folder in cfg.init_from.items() if folder}
@@ -284,8 +284,9 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
     t0 = time.time()
     state = state_lib.run_once(init_fn, jax.random.key(cfg.seed))
     if init_from:
-      state = jax.device_put(bridge.with_converted_weights(state, init_from, nets, cfg, optimizers, image_shape),
-                             replicated)
+      with ops.use(kernels):  # the converted variables are checked against the networks' shapes (a trace)
+        converted = bridge.with_converted_weights(state, init_from, nets, cfg, optimizers, image_shape)
+      state = jax.device_put(converted, replicated)
       log.info("started from converted weights: %s", ", ".join(f"{k} from {v}" for k, v in init_from.items()))
     log.info("initialised in %.1f s", time.time() - t0)
   n_params = {name: int(sum(np.prod(x.shape) for x in jax.tree.leaves(p))) for name, p in
@@ -328,7 +329,6 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
   step_number = start_step
   t_last, steps_since = time.time(), 0
   pending = []  # (step, finite flag, metrics) of the steps since the last sync, still on the devices
-  in_flight = collections.deque()  # the last steps' finite flags: at most two steps are dispatched ahead
   try:
     with _SigtermFlag() as sigterm:
       while step_number < end_step:
@@ -337,9 +337,8 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
         step_number += 1
         steps_since += 1
         pending.append((step_number, metrics["finite"], metrics))
-        in_flight.append(metrics["finite"])
-        if len(in_flight) > 2:
-          in_flight.popleft().block_until_ready()  # waits for step n-2 only: the devices stay busy
+        if len(pending) > 2:
+          pending[-3][1].block_until_ready()  # at most two steps in flight: waits for step n-2, the devices stay busy
         if bar is not None:
           bar.update(1)
         log_now = step_number % cfg.train.log_every == 0 or step_number == end_step

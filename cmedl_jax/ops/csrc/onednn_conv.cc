@@ -290,7 +290,7 @@ void RunOnednn(Kind kind, const Geometry& g, float* src, float* weights, float* 
 // -> weights (kernel gradient).
 ffi::Error Run(Kind kind, const Geometry& g, float* src, float* weights, float* dst) {
   // The library's kernels share their work out on the pool (work_pool.h); their oneDNN sgemm calls run
-  // single-threaded unless winograd.h asks for a team.
+  // single-threaded.
   omp_set_num_threads(1);
   try {
 #if CMEDL_WINOGRAD_X86
@@ -475,7 +475,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CmedlOnednnConvForward, ConvForward, CMEDL_CONV_BI
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CmedlOnednnConvBackwardData, ConvBackwardData, CMEDL_CONV_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CmedlOnednnConvBackwardWeights, ConvBackwardWeights, CMEDL_CONV_BINDING);
 
-// Profiling hooks for cmedl_jax.models.onednn.profile (ctypes).
+// Profiling hooks for cmedl_jax.ops.onednn.profile_start / profile_stop (ctypes).
 extern "C" void CmedlOnednnProfileStart() {
   Profile& p = GetProfile();
   std::lock_guard<std::mutex> lock(p.mutex);

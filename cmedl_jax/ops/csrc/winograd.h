@@ -11,8 +11,8 @@
 // A^T M_t A. The input gradient is the same forward pass of the output gradient with the flipped, in/out-swapped
 // kernel; the kernel gradient is dU[xi] = V[xi]^T (A dy_t A^T)[xi] summed over the tiles, then dg = G^T dU G.
 // Tiles are processed in chunks that keep V and M in the last-level cache; within a chunk the transforms run in
-// parallel over tiles and the GEMMs in parallel over the 36 positions (each single-threaded), so the kernel
-// gradient needs no reduction across threads.
+// parallel over tiles and the GEMMs in parallel over the 36 positions and, with many threads, over blocks of
+// their output rows (each single-threaded over the whole contraction), so nothing is reduced across threads.
 //
 // Accuracy: the transforms scale values by up to ~100x and back, so results differ from a direct convolution by
 // ~1e-6 to 1e-5 relative to the output's magnitude (tests/test_fast_kernels.py measures it against float64), ~3-10x
