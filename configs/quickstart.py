@@ -8,9 +8,9 @@ Expected: phantoms (8 CT + 8 unpaired MRI for training, 4 held-out CT for testin
 runs/phantoms on the first run; 600 steps of batch 8 at 64x64 px; the student's loss falls from ~1.4 to ~0.4,
 the previews in runs/quickstart/previews show pMRI and teacher/student masks on the tumors, and the held-out
 evaluation is written to runs/quickstart/eval/CT: on a 2-core x86-64 machine with the default kernels, student
-DSC 0.47 +- 0.27, sDSC@2mm 0.53, HD95 21 mm, a few small false-positive components per case. Runs are bitwise reproducible on one machine and thread count (a second run logs
-the same values and scores); another machine or thread count rounds differently and ends elsewhere (other
-2-core machines gave DSC 0.38-0.53). Tumors inside the lung are segmented well; the low-contrast tumors abutting
+DSC 0.47 +- 0.27, sDSC@2mm 0.53, HD95 21 mm, a few small false-positive components per case. Runs are bitwise
+reproducible on one machine and thread count (a second run logs the same values and scores); another machine or
+thread count rounds differently and ends elsewhere (other 2-core machines gave DSC 0.38-0.53). Tumors inside the lung are segmented well; the low-contrast tumors abutting
 the mediastinum are the hard part on CT, which is what CMEDL's MRI teacher is meant to help with over long runs
 (docs/RESULTS.md has 3 seeds x 8 held-out cases of this config; --config.train.total_steps=1200 continues a run).
 Runtime: ~3 minutes on a 2-core CPU, with the phantoms' generation and the evaluation (compilation ~1 minute).

@@ -1,9 +1,9 @@
 """The compute kernels under the networks: convolutions, transposed convolutions and max pooling.
 
 Each op has a CPU form and a plain form (``lax`` primitives and JAX's autodiff), staged out per platform with
-``lax.platform_dependent``: GPU/TPU programs hold the plain form, CPU programs the form chosen by
-:class:`Kernels` (``config.conv_backend`` / ``config.conv_algorithm``), set with :func:`use` / :func:`using` or
-passed to an op. Importing this package builds nothing; the library (``csrc/``, :mod:`cmedl_jax.ops.onednn`) is built the first time
+``lax.platform_dependent``: GPU/TPU programs hold the plain form, CPU programs the form chosen by :class:`Kernels`
+(``config.conv_backend`` / ``config.conv_algorithm``), set with :func:`use` / :func:`using` or passed to an op.
+Importing this package builds nothing; the library (``csrc/``, :mod:`cmedl_jax.ops.onednn`) is built the first time
 a CPU form that needs it is traced. docs/design.md ("Kernels") and docs/performance.md describe the forms.
 """
 
