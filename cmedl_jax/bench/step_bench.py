@@ -94,7 +94,8 @@ def _load_average():
 
 
 class JaxRunner:
-  """The jitted JAX step on this machine's devices; compiled on construction (``compile_s``)."""
+  """The jitted JAX step on this machine's devices with the config's kernels (``kernels``); compiled on construction
+  (``compile_s``)."""
 
   def __init__(self, cfg, state_dicts, batch, image_shape):
     import jax
@@ -109,7 +110,8 @@ class JaxRunner:
     nets = networks.build_networks(cfg)
     optimizers = state_lib.make_optimizers(cfg, nets)
     mesh = step_lib.make_mesh()
-    with ops.use(ops.from_config(cfg)):  # the conversion traces the networks (their variables' shapes)
+    self.kernels = ops.from_config(cfg)
+    with ops.use(self.kernels):  # the conversion traces the networks (their variables' shapes)
       self.state = bridge.train_state_from_torch(state_dicts, nets, cfg, optimizers, image_shape, mesh=mesh)
     self.batch = step_lib.shard_batch(batch, mesh)
     train_step = step_lib.make_train_step(nets, cfg, optimizers, mesh=mesh)
@@ -177,7 +179,7 @@ def _serve(conn, spec):
     info = {}
     if spec["kind"] == "jax":
       from cmedl_jax import ops
-      kernels = ops.from_config(jax_config(spec))
+      kernels = runner.kernels
       info = dict(compile_s=runner.compile_s, devices=runner.devices, conv=ops.cpu_form(kernels),
                   backend=kernels.backend, algorithm=kernels.algorithm)
     conn.send(("ready", info))
