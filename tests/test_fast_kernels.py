@@ -8,64 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from cmedl_jax.bench import conv_profile
 from cmedl_jax import ops
 from cmedl_jax.models import layers
 from cmedl_jax.ops import onednn
-
-needs_onednn = pytest.mark.usefixtures("onednn_library")
-
-
-def conv_float64(x, w, stride, padding):
-  """Forward, input gradient and kernel gradient functions of a zero-padded NHWC/HWIO convolution in float64."""
-  (pt, pb), (pl, pr) = padding
-  kh, kw = w.shape[:2]
-  n, h, wd, _ = x.shape
-  padded_shape = (n, h + pt + pb, wd + pl + pr, x.shape[3])
-  out_h, out_w = (padded_shape[1] - kh) // stride + 1, (padded_shape[2] - kw) // stride + 1
-
-  def taps():
-    for ky in range(kh):
-      for kx in range(kw):
-        yield ky, kx, (slice(None), slice(ky, ky + stride * (out_h - 1) + 1, stride),
-                       slice(kx, kx + stride * (out_w - 1) + 1, stride))
-
-  xp = np.zeros(padded_shape)
-  xp[:, pt:pt + h, pl:pl + wd] = x
-  y = sum(np.einsum("nhwc,ck->nhwk", xp[view], w[ky, kx]) for ky, kx, view in taps())
-
-  def grads(dy):
-    dxp = np.zeros(padded_shape)
-    dw = np.zeros(w.shape)
-    for ky, kx, view in taps():
-      dxp[view] += np.einsum("nhwk,ck->nhwc", dy, w[ky, kx])
-      dw[ky, kx] = np.einsum("nhwc,nhwk->ck", xp[view], dy)
-    return dxp[:, pt:pt + h, pl:pl + wd], dw
-
-  return y, grads
-
-
-def run_kernels(x_shape, kernel_shape, stride, padding, winograd, seed=0):
-  """(ours: y, dx, dw), (float64: y, dx, dw), the profile's keys."""
-  rng = np.random.default_rng(seed)
-  x = rng.standard_normal(x_shape)
-  w = rng.standard_normal(kernel_shape) / np.sqrt(np.prod(kernel_shape[:3]))
-  y64, grads = conv_float64(x, w, stride, padding)
-  dy = rng.standard_normal(y64.shape)
-  dx64, dw64 = grads(dy)
-  geometry = dict(stride=(stride, stride), padding=padding, winograd=winograd)
-  x32, w32, dy32 = (np.asarray(a, np.float32) for a in (x, w, dy))
-  onednn.profile_start()
-  ours = jax.block_until_ready((onednn.conv_forward(x32, w32, **geometry),
-                                onednn.conv_backward_data(dy32, w32, x_shape, **geometry),
-                                onednn.conv_backward_weights(x32, dy32, kernel_shape, **geometry)))
-  keys = sorted(onednn.profile_stop()["calls"])
-  return ours, (y64, dx64, dw64), keys
-
-
-def relative_error(actual, expected):
-  return float(np.max(np.abs(np.asarray(actual, np.float64) - expected)) / np.max(np.abs(expected)))
-
+from tests.kernel_helpers import assert_close, needs_onednn, relative_error, run_kernels
 
 # (x shape, kernel shape, ((top, bottom), (left, right))): reflect-padded residual blocks (padding 0), U-Net
 # layers (padding 1), padding 2, outputs that are not multiples of the 4x4 tile, uneven channel counts.
@@ -85,10 +31,9 @@ def test_winograd_matches_a_float64_convolution(x_shape, kernel_shape, padding):
   ours, expected, keys = run_kernels(x_shape, kernel_shape, 1, padding, winograd=True)
   assert all(key.endswith(" winograd") for key in keys), keys
   for actual, reference in zip(ours, expected):
-    assert actual.shape == reference.shape
     # F(4x4, 3x3) in float32: ~1e-6 here (2e-5 at 256 channels, docs/performance.md); a wrong transform entry,
     # tile offset or crop gives errors of order 1.
-    assert relative_error(actual, reference) < 2e-5
+    assert_close(actual, reference, 2e-5)
 
 
 @needs_onednn
@@ -119,7 +64,7 @@ def test_winograd_flag_is_ignored_where_it_does_not_apply():
   ours, expected, keys = run_kernels((1, 12, 12, 8), (3, 3, 8, 16), 2, ((1, 1), (1, 1)), winograd=True)
   assert not any(key.endswith(" winograd") for key in keys)
   for actual, reference in zip(ours, expected):
-    assert relative_error(actual, reference) < 1e-5
+    assert_close(actual, reference, 1e-5)
 
 
 # (x shape, kernel shape, stride, padding): the generators' 7x7 first and last layers (reflect-padded, so padding
@@ -145,15 +90,7 @@ def test_one_channel_kernels_match_a_float64_convolution(x_shape, kernel_shape, 
   # The forward and kernel gradient always run here; the input gradient for one-input-channel, stride-1 layers.
   assert thin == ({"fwd", "dw", "dx"} if kernel_shape[2] == 1 and stride == 1 else {"fwd", "dw"}), keys
   for actual, reference in zip(ours, expected):
-    assert actual.shape == reference.shape
-    assert relative_error(actual, reference) < 1e-5
-
-
-def test_profile_keys_of_the_library_kernels_parse():
-  direct = conv_profile.gflop("fwd n2 66x66x256 -> 64x64x256 k3x3 s1")
-  assert conv_profile.gflop("fwd n2 66x66x256 -> 64x64x256 k3x3 s1 winograd") == direct
-  assert conv_profile.gflop("dx  n4 134x134x1 -> 128x128x8 k7x7 s1 thin") == pytest.approx(
-      2 * 4 * 128 * 128 * 8 * 49 / 1e9)
+    assert_close(actual, reference, 1e-5)
 
 
 def test_unknown_algorithms_are_rejected():

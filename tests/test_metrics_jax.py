@@ -11,9 +11,6 @@ from scipy import ndimage
 from cmedl_jax import metrics
 from cmedl_jax.metrics import jax_surface, surface
 
-# surface-distance 0.1 (run by the benchmark smoke test) imports from deprecated scipy.ndimage namespaces.
-pytestmark = pytest.mark.filterwarnings("ignore:Please import:DeprecationWarning")
-
 SHAPE_3D, SPACING_3D = (28, 32, 24), (0.8, 1.1, 2.5)
 SHAPE_2D, SPACING_2D = (40, 36), (0.7, 1.9)
 # Tolerances that no lattice distance of these spacings equals: in float32 a distance exactly equal to the
@@ -150,12 +147,3 @@ def test_invalid_inputs_raise(kwargs, message):
   with pytest.raises(ValueError, match=message):
     jax_surface.surface_metrics_jax(**args)
 
-
-def test_benchmark_runs_small(capsys):
-  pytest.importorskip("surface_distance")
-  from cmedl_jax.bench import metrics_bench  # pylint: disable=import-outside-toplevel
-  assert metrics_bench.main(["--size", "24,24,12", "--repeats", "1"]) == 0
-  output = capsys.readouterr().out
-  assert "ratio jitted/reference" in output
-  values = [line[line.index(" dice "):line.index(" mm")] for line in output.splitlines() if " dice " in line]
-  assert len(values) == 4 and len(set(values)) == 1, output  # all four print the same metric values

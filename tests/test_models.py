@@ -206,9 +206,9 @@ def test_generator_nce_layers_follow_pytorch_sequential_numbering():
 
   @jax.jit
   def run(v, a):
-    encoded = generator.apply(v, a, layers, method=models.ResnetGenerator.encode)
+    encoded = generator.apply(v, a, nce_layers=layers, encode_only=True)
     y, feats = generator.apply(v, a, nce_layers=layers)
-    stop_at_norm = generator.apply(v, a, (8,), method=models.ResnetGenerator.encode)
+    stop_at_norm = generator.apply(v, a, nce_layers=(8,), encode_only=True)
     return encoded, y, feats, generator.apply(v, a), stop_at_norm[0]
 
   encoded, y, feats, plain, norm_output = run(variables, x)

@@ -109,18 +109,11 @@ def test_corrupt_not_nifti(tmp_path):
   _expect(path, "cannot read as NIfTI")
 
 
-def test_truncated_gzip(tmp_path):
-  good = _write(tmp_path / "good.nii.gz", np.random.rand(20, 20, 20).astype(np.float32), np.eye(4))
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])  # gzip-compressed and uncompressed
+def test_truncated_file(tmp_path, suffix):
+  good = _write(tmp_path / f"good{suffix}", np.random.rand(20, 20, 20).astype(np.float32), np.eye(4))
   blob = open(good, "rb").read()
-  path = tmp_path / "truncated.nii.gz"
-  path.write_bytes(blob[:len(blob) // 2])
-  _expect(path, "cannot read as NIfTI")
-
-
-def test_truncated_uncompressed(tmp_path):
-  good = _write(tmp_path / "good.nii", np.random.rand(20, 20, 20).astype(np.float32), np.eye(4))
-  blob = open(good, "rb").read()
-  path = tmp_path / "truncated.nii"
+  path = tmp_path / f"truncated{suffix}"
   path.write_bytes(blob[:len(blob) // 2])
   _expect(path, "cannot read as NIfTI")
 

@@ -3,8 +3,8 @@
 The pool decides which thread runs which block at run time (a helper that is not running takes no share), and
 oneDNN's own kernels run on it as batch parts whose kernel gradients are added at the end; a lost block, a block run
 twice, a part at the wrong batch offset or a partial sum read before it is written gives a wrong result here. Each
-result is checked against the float64 tap-by-tap convolution of test_fast_kernels, and the profile key says which
-kernel ran; repeated calls must give the same bits (the reductions sum per-block partials in block order).
+result is checked against the float64 tap-by-tap convolution of tests/kernel_helpers.py, and the profile key says
+which kernel ran; repeated calls must give the same bits (the reductions sum per-block partials in block order).
 """
 
 import jax
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from cmedl_jax.ops import onednn
-from tests.test_fast_kernels import needs_onednn, relative_error, run_kernels
+from tests.kernel_helpers import assert_close, needs_onednn, relative_error, run_kernels
 
 # (x shape, kernel shape, stride, padding, winograd, {kind: the kernel that runs it}): a Winograd layer, both
 # one-channel forms (their kernel gradients sum per-thread partials), oneDNN's kernels with batches split unevenly
@@ -54,8 +54,7 @@ def test_every_kernel_is_exact_on_any_number_of_threads(threads, count, x_shape,
   ours, expected, keys = run_kernels(x_shape, kernel_shape, stride, padding, winograd=winograd, seed=count)
   assert {key.split()[0]: kernel_of(key) for key in keys} == kernels, keys
   for actual, reference in zip(ours, expected):
-    assert actual.shape == reference.shape
-    assert relative_error(actual, reference) < 2e-5
+    assert_close(actual, reference, 2e-5)
 
 
 @needs_onednn

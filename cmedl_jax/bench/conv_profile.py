@@ -9,9 +9,7 @@ batch), runs one untimed step, then ``--steps`` timed steps with the oneDNN call
 convolutions (wall time with a call running, and per kind: forward, input gradient ``dx``, kernel gradient
 ``dw``), and the ``--top`` geometries by time with their calls per step, ms per call and GFLOP/s (multiply-adds x
 2). The rest of the step is XLA's own work (normalisation, activations, padding, losses, Adam, image pools) and
-what runs next to the convolutions. Measured: docs/performance.md.
-
-Runtime: quickstart ~1 min; paper networks at 256 px ~3 min on a 2-core CPU. x86-64 Linux only (oneDNN).
+what runs next to the convolutions. Results and run times: docs/performance.md. x86-64 Linux only (oneDNN).
 """
 
 from __future__ import annotations

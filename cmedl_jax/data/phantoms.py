@@ -650,6 +650,33 @@ def _tumor_records(anatomy, spacing, values, background_values, units_key):
   return records
 
 
+def _blur(image, sigma_voxels, spacing):
+  """The scanner's point-spread function, a Gaussian of ``sigma_voxels``: (blurred image, its sigma in mm)."""
+  image = ndimage.gaussian_filter(image, sigma=sigma_voxels, mode="nearest")
+  return image, tuple(sigma * step for sigma, step in zip(sigma_voxels, spacing))
+
+
+def _phantom(image, anatomy, return_tissues, *, modality, units, spacing, values, tumors, psf_sigma_mm,
+             **artefacts):
+  """(image, label, info[, tissues]) of a drawn phantom; ``info`` records the drawing, ``artefacts`` (noise and
+  fields, JSON-ready) last."""
+  label = (anatomy.tumor_ids > 0).astype(np.int16)
+  info = {
+      "modality": modality,
+      "units": units,
+      "shape": list(image.shape),
+      "spacing_mm": [float(s) for s in spacing],
+      "tissue_values": {k: round(v, 3) for k, v in values.items() if k != "tumor"},
+      "anatomy": anatomy.params,
+      "tumors": tumors,
+      "psf_sigma_mm": [round(s, 4) for s in psf_sigma_mm],
+      **artefacts,
+  }
+  if return_tissues:
+    return image, label, info, anatomy.tissues
+  return image, label, info
+
+
 def _resolve_spacing(rng, spacing, default_range):
   return draw_spacing(rng, default_range) if spacing is None else tuple(float(s) for s in spacing)
 
@@ -695,30 +722,17 @@ def make_ct_phantom(rng, shape=(128, 128, 48), spacing=None, *, num_tumors=None,
       tumor_hu.append(mediastinum_hu + float(rng.choice([-1.0, 1.0])) * uniform(3.0, 10.0))
       background.append(mediastinum_hu)
 
-  psf_sigma_mm = (0.5 * spacing[0], 0.5 * spacing[1], 0.3 * spacing[2])
   noise_sd = uniform(15.0, 20.0)
   low_frequency_hu = uniform(5.0, 15.0)
-  image = _paint(anatomy, values, tumor_hu)
-  image = ndimage.gaussian_filter(image, sigma=(0.5, 0.5, 0.3), mode="nearest")
+  image, psf_sigma_mm = _blur(_paint(anatomy, values, tumor_hu), (0.5, 0.5, 0.3), spacing)
   image += np.float32(low_frequency_hu) * _smooth_field(rng, shape, degree=2)
   image += _correlated_noise(rng, shape, noise_sd)
   hu = np.clip(np.rint(image), -1024.0, 3071.0).astype(np.float32)
-  label = (anatomy.tumor_ids > 0).astype(np.int16)
-  info = {
-      "modality": "CT",
-      "units": "HU",
-      "shape": list(shape),
-      "spacing_mm": [float(s) for s in spacing],
-      "tissue_values": {k: round(v, 3) for k, v in values.items() if k != "tumor"},
-      "anatomy": anatomy.params,
-      "tumors": _tumor_records(anatomy, spacing, tumor_hu, background, "hu"),
-      "psf_sigma_mm": [round(s, 4) for s in psf_sigma_mm],
-      "noise": {"kind": "gaussian (in-plane correlated)", "sd": round(noise_sd, 3)},
-      "low_frequency": {"kind": "additive degree-2 polynomial", "max_abs": round(low_frequency_hu, 3)},
-  }
-  if return_tissues:
-    return hu, label, info, anatomy.tissues
-  return hu, label, info
+  return _phantom(
+      hu, anatomy, return_tissues, modality="CT", units="HU", spacing=spacing, values=values,
+      tumors=_tumor_records(anatomy, spacing, tumor_hu, background, "hu"), psf_sigma_mm=psf_sigma_mm,
+      noise={"kind": "gaussian (in-plane correlated)", "sd": round(noise_sd, 3)},
+      low_frequency={"kind": "additive degree-2 polynomial", "max_abs": round(low_frequency_hu, 3)})
 
 
 def make_mri_phantom(rng, shape=(128, 128, 48), spacing=None, *, num_tumors=None, tumor_locations=None,
@@ -752,33 +766,20 @@ def make_mri_phantom(rng, shape=(128, 128, 48), spacing=None, *, num_tumors=None
   tumor_values = [uniform(850.0, 1050.0) * gain for _ in anatomy.tumors]
   background = [values["lung"] if t.location == "lung" else values["mediastinum"] for t in anatomy.tumors]
 
-  psf_sigma_mm = (0.6 * spacing[0], 0.6 * spacing[1], 0.4 * spacing[2])
   bias_amplitude = uniform(0.20, 0.30)
   noise_sigma = uniform(12.0, 25.0) * gain
-  image = _paint(anatomy, values, tumor_values)
-  image = ndimage.gaussian_filter(image, sigma=(0.6, 0.6, 0.4), mode="nearest")
+  image, psf_sigma_mm = _blur(_paint(anatomy, values, tumor_values), (0.6, 0.6, 0.4), spacing)
   body = anatomy.tissues != TISSUE_CODE["air"]
   bias = 1.0 + np.float32(bias_amplitude) * _smooth_field(rng, shape, degree=3, region=body)
   image *= np.maximum(bias, np.float32(0.2))  # outside the body the polynomial may exceed the amplitude
   real = image + np.float32(noise_sigma) * rng.standard_normal(shape, dtype=np.float32)
   imaginary = np.float32(noise_sigma) * rng.standard_normal(shape, dtype=np.float32)
   intensity = np.clip(np.rint(np.sqrt(real * real + imaginary * imaginary)), 0.0, 32767.0).astype(np.float32)
-  label = (anatomy.tumor_ids > 0).astype(np.int16)
-  info = {
-      "modality": "MRI",
-      "units": "arbitrary (T2w-like)",
-      "shape": list(shape),
-      "spacing_mm": [float(s) for s in spacing],
-      "tissue_values": {k: round(v, 3) for k, v in values.items() if k != "tumor"},
-      "anatomy": anatomy.params,
-      "tumors": _tumor_records(anatomy, spacing, tumor_values, background, "intensity"),
-      "psf_sigma_mm": [round(s, 4) for s in psf_sigma_mm],
-      "noise": {"kind": "rician", "sigma": round(noise_sigma, 3)},
-      "bias_field": {"kind": "multiplicative 1 + degree-3 polynomial", "max_abs_deviation": round(bias_amplitude, 4)},
-  }
-  if return_tissues:
-    return intensity, label, info, anatomy.tissues
-  return intensity, label, info
+  return _phantom(
+      intensity, anatomy, return_tissues, modality="MRI", units="arbitrary (T2w-like)", spacing=spacing,
+      values=values, tumors=_tumor_records(anatomy, spacing, tumor_values, background, "intensity"),
+      psf_sigma_mm=psf_sigma_mm, noise={"kind": "rician", "sigma": round(noise_sigma, 3)},
+      bias_field={"kind": "multiplicative 1 + degree-3 polynomial", "max_abs_deviation": round(bias_amplitude, 4)})
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -8,8 +8,8 @@ fixed shapes and no host callbacks, so it can sit inside an evaluation step on G
 2. Exact squared Euclidean distance transform of both surfel sets with anisotropic spacing, separable along the
    axes in scipy's order (axis 0 first, so per-axis terms are added in the same order): along axis 0 exactly in
    O(n) with a scan that tracks the nearest surfel on either side; along every further axis a windowed min-plus
-   ``d2[i] = min_{|k| <= K} d2[i + k] + (k * s)^2``. Memory is O(volume), no (n, n) intermediate: 512x512x100
-   peaks at about 2.5 GB of process memory on CPU.
+   ``d2[i] = min_{|k| <= K} d2[i + k] + (k * s)^2``. Memory is O(volume), no (n, n) intermediate (the peak for
+   a CT-sized volume: docs/performance.md).
 3. sDSC by masked sums; the area-weighted percentile by bisection over the bit patterns of the (non-negative)
    float distances: the smallest surfel distance whose cumulative area fraction reaches ``percent / 100``, i.e.
    DeepMind's ``searchsorted`` rule on the sorted surfels, clamped to the largest distance like DeepMind, without
@@ -129,26 +129,6 @@ def _windowed_min_plus(squared: jax.Array, axis: int, step: jax.Array, window: j
 
   num_blocks = (jnp.minimum(window, n - 1) + _BLOCK - 1) // _BLOCK
   return lax.fori_loop(0, num_blocks, add_offsets, squared)
-
-
-def squared_distance_transform(points: jax.Array, spacing: jax.Array, windows: jax.Array) -> jax.Array:
-  """Squared Euclidean distance (mm^2) of every grid point to the nearest of ``points`` (per trailing index).
-
-  Exact where the nearest point is within ``windows[a]`` grid steps along every axis a >= 1 (axis 0 is always
-  searched fully); an over-estimate elsewhere; inf for an empty set.
-
-  Args:
-    points: (n0, n1[, n2], batch) bool.
-    spacing: (ndim,) float.
-    windows: (ndim,) int32 largest offset searched per axis (entry 0 unused).
-
-  Returns:
-    (n0, n1[, n2], batch) float.
-  """
-  squared = _axis0_squared_distance(points, spacing[0])
-  for axis in range(1, points.ndim - 1):
-    squared = _windowed_min_plus(squared, axis, spacing[axis], windows[axis])
-  return squared
 
 
 def _bounding_box(mask: jax.Array):
@@ -339,19 +319,12 @@ def surface_metrics_jax(pred, ref, spacing_mm, tolerances_mm: Sequence[float] = 
     ValueError: shape mismatch, not 2D/3D, wrong spacing length, a bad roi fraction or empty_policy, and for
       concrete values: spacing not finite and > 0, negative tolerance, percent outside [0, 100].
   """
-  surface._check_choice("empty_policy", empty_policy, surface.EMPTY_POLICIES)  # pylint: disable=protected-access
+  surface.check_choice("empty_policy", empty_policy, surface.EMPTY_POLICIES)
   pred, ref = jnp.asarray(pred), jnp.asarray(ref)
-  if pred.shape != ref.shape:
-    raise ValueError(f"pred and ref must have the same shape, got pred {pred.shape} and ref {ref.shape}")
-  if pred.ndim not in (2, 3):
-    raise ValueError(f"masks must be 2D or 3D, got {pred.ndim}D of shape {pred.shape}")
   dtype = _float_dtype()
   spacing = jnp.asarray(spacing_mm, dtype).reshape(-1)
   tolerances = jnp.asarray(tolerances_mm, dtype).reshape(-1)
-  if spacing.shape[0] != pred.ndim:
-    raise ValueError(
-        f"spacing_mm must have one entry per mask axis ({pred.ndim} for shape {pred.shape}), got "
-        f"{spacing.shape[0]}")
+  surface.check_shapes(pred.shape, ref.shape, spacing.shape[0])
   roi_fractions = tuple(float(f) for f in roi_fractions)
   roi_shapes(pred.shape, roi_fractions)  # validates the fractions
   _check_concrete_values(spacing_mm, tolerances_mm, percent)
@@ -360,15 +333,14 @@ def surface_metrics_jax(pred, ref, spacing_mm, tolerances_mm: Sequence[float] = 
 
 
 def _check_concrete_values(spacing_mm, tolerances_mm, percent):
+  """The host metrics' value checks, where the values are concrete."""
   try:
-    spacing = np.asarray(spacing_mm, np.float64)
-    tolerances = np.asarray(tolerances_mm, np.float64)
+    spacing = tuple(float(s) for s in np.asarray(spacing_mm, np.float64).reshape(-1))
+    tolerances = [float(t) for t in np.asarray(tolerances_mm, np.float64).reshape(-1)]
     percent = float(percent)
   except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
     return  # traced inside an outer jit: nothing to check here
-  if not np.all(np.isfinite(spacing) & (spacing > 0)):
-    raise ValueError(f"spacing_mm entries must be finite and > 0, got {tuple(spacing.reshape(-1))}")
-  if not np.all(np.isfinite(tolerances) & (tolerances >= 0)):
-    raise ValueError(f"tolerances_mm must be finite and >= 0, got {tuple(tolerances.reshape(-1))}")
-  if not (math.isfinite(percent) and 0.0 <= percent <= 100.0):
-    raise ValueError(f"percent must be in [0, 100], got {percent}")
+  surface.check_spacing_values(spacing)
+  for tolerance in tolerances:
+    surface.check_tolerance(tolerance, "tolerances_mm")
+  surface.check_percent(percent)

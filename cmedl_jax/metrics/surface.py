@@ -81,7 +81,7 @@ ONE_EMPTY_SURFACE_DICE = 0.0
 
 def one_empty_hausdorff_mm(empty_policy: EmptyPolicy = DEFAULT_EMPTY_POLICY) -> float:
   """HD95 when exactly one mask is empty: ``inf`` or ``nan`` according to ``empty_policy``."""
-  _check_choice("empty_policy", empty_policy, EMPTY_POLICIES)
+  check_choice("empty_policy", empty_policy, EMPTY_POLICIES)
   return math.inf if empty_policy == "inf" else math.nan
 
 
@@ -231,7 +231,7 @@ def surfel_area_table(spacing_mm: Sequence[float]) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _check_choice(name, value, choices):
+def check_choice(name, value, choices):
   if value not in choices:
     raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
@@ -248,6 +248,27 @@ def as_mask(name: str, array) -> np.ndarray:
       "probabilities first")
 
 
+def check_shapes(pred_shape, ref_shape, spacing_entries: int) -> None:
+  """Raises ValueError unless both masks have one 2D or 3D shape and the spacing has one entry per axis.
+
+  Shapes only, so the jitted metrics check traced masks and spacings with it too.
+  """
+  pred_shape, ref_shape = tuple(pred_shape), tuple(ref_shape)
+  if pred_shape != ref_shape:
+    raise ValueError(f"pred and ref must have the same shape, got pred {pred_shape} and ref {ref_shape}")
+  if len(pred_shape) not in (2, 3):
+    raise ValueError(f"masks must be 2D or 3D, got {len(pred_shape)}D of shape {pred_shape}")
+  if spacing_entries != len(pred_shape):
+    raise ValueError(
+        f"spacing_mm must have one entry per mask axis ({len(pred_shape)} for shape {pred_shape}), got "
+        f"{spacing_entries}")
+
+
+def check_spacing_values(spacing: Sequence[float]) -> None:
+  if not all(math.isfinite(s) and s > 0 for s in spacing):
+    raise ValueError(f"spacing_mm entries must be finite and > 0, got {tuple(spacing)}")
+
+
 def validate_inputs(pred, ref, spacing_mm) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
   """Checks a pair of masks and their spacing; returns (pred, ref) as bool arrays and spacing as floats.
 
@@ -257,30 +278,22 @@ def validate_inputs(pred, ref, spacing_mm) -> tuple[np.ndarray, np.ndarray, tupl
   """
   pred = as_mask("pred", pred)
   ref = as_mask("ref", ref)
-  if pred.shape != ref.shape:
-    raise ValueError(f"pred and ref must have the same shape, got pred {pred.shape} and ref {ref.shape}")
-  if pred.ndim not in (2, 3):
-    raise ValueError(f"masks must be 2D or 3D, got {pred.ndim}D of shape {pred.shape}")
   spacing = tuple(float(s) for s in np.atleast_1d(np.asarray(spacing_mm, dtype=np.float64)))
-  if len(spacing) != pred.ndim:
-    raise ValueError(
-        f"spacing_mm must have one entry per mask axis ({pred.ndim} for shape {pred.shape}), got {len(spacing)}: "
-        f"{spacing}")
-  if not all(math.isfinite(s) and s > 0 for s in spacing):
-    raise ValueError(f"spacing_mm entries must be finite and > 0, got {spacing}")
+  check_shapes(pred.shape, ref.shape, len(spacing))
+  check_spacing_values(spacing)
   return pred, ref, spacing
 
 
-def _validate_tolerance(tolerance_mm) -> float:
+def check_tolerance(tolerance_mm, name: str = "tolerance_mm") -> float:
   tolerance = float(tolerance_mm)
   if not (math.isfinite(tolerance) and tolerance >= 0):
-    raise ValueError(f"tolerance_mm must be finite and >= 0, got {tolerance_mm}")
+    raise ValueError(f"{name} must be finite and >= 0, got {tolerance_mm}")
   return tolerance
 
 
-def _validate_percent(percent) -> float:
+def check_percent(percent) -> float:
   percent = float(percent)
-  if not 0.0 <= percent <= 100.0:
+  if not 0.0 <= percent <= 100.0:  # also rejects nan
     raise ValueError(f"percent must be in [0, 100], got {percent}")
   return percent
 
@@ -388,7 +401,7 @@ def compute_surface_distances(pred, ref, spacing_mm, convention: Convention = DE
     SurfaceDistances.
   """
   pred, ref, spacing = validate_inputs(pred, ref, spacing_mm)
-  _check_choice("convention", convention, CONVENTIONS)
+  check_choice("convention", convention, CONVENTIONS)
   box = _union_bounding_box(pred, ref)
   if box is None:
     empty = np.zeros((0,), np.float64)
@@ -435,7 +448,7 @@ def surface_dice_from_distances(distances: SurfaceDistances, tolerance_mm: float
 
   Both surfaces empty -> 1.0 and one empty -> 0.0 (the module's empty-case policy).
   """
-  tolerance = _validate_tolerance(tolerance_mm)
+  tolerance = check_tolerance(tolerance_mm)
   d = distances
   n_ref, n_pred = len(d.distances_ref_to_pred_mm), len(d.distances_pred_to_ref_mm)
   if n_ref == 0 and n_pred == 0:
@@ -450,7 +463,7 @@ def surface_dice_from_distances(distances: SurfaceDistances, tolerance_mm: float
 def robust_hausdorff_from_distances(distances: SurfaceDistances, percent: float = 95.0,
                                     empty_policy: EmptyPolicy = DEFAULT_EMPTY_POLICY) -> float:
   """Percentile Hausdorff distance (mm) in the convention the distances were computed with."""
-  percent = _validate_percent(percent)
+  percent = check_percent(percent)
   d = distances
   n_ref, n_pred = len(d.distances_ref_to_pred_mm), len(d.distances_pred_to_ref_mm)
   if n_ref == 0 and n_pred == 0:
@@ -486,15 +499,15 @@ def dice(pred, ref) -> float:
 
 def surface_dice(pred, ref, spacing_mm, tolerance_mm: float) -> float:
   """Surface Dice at ``tolerance_mm`` with DeepMind surfels (see the module docstring)."""
-  _validate_tolerance(tolerance_mm)
+  check_tolerance(tolerance_mm)
   return surface_dice_from_distances(compute_surface_distances(pred, ref, spacing_mm, "deepmind"), tolerance_mm)
 
 
 def robust_hausdorff(pred, ref, spacing_mm, percent: float, convention: Convention = DEFAULT_CONVENTION,
                      empty_policy: EmptyPolicy = DEFAULT_EMPTY_POLICY) -> float:
   """Percentile Hausdorff distance in mm (``percent=100`` is the Hausdorff distance)."""
-  _validate_percent(percent)
-  _check_choice("empty_policy", empty_policy, EMPTY_POLICIES)
+  check_percent(percent)
+  check_choice("empty_policy", empty_policy, EMPTY_POLICIES)
   distances = compute_surface_distances(pred, ref, spacing_mm, convention)
   return robust_hausdorff_from_distances(distances, percent, empty_policy)
 
@@ -541,9 +554,9 @@ def segmentation_metrics(pred, ref, spacing_mm, tolerances_mm: Sequence[float] =
                          empty_policy: EmptyPolicy = DEFAULT_EMPTY_POLICY) -> SegmentationMetrics:
   """DSC, sDSC at each tolerance and HD95 of one pair, computing the surface distances once per convention."""
   pred, ref, spacing = validate_inputs(pred, ref, spacing_mm)
-  _check_choice("convention", convention, CONVENTIONS)
-  _check_choice("empty_policy", empty_policy, EMPTY_POLICIES)
-  tolerances = [_validate_tolerance(t) for t in tolerances_mm]
+  check_choice("convention", convention, CONVENTIONS)
+  check_choice("empty_policy", empty_policy, EMPTY_POLICIES)
+  tolerances = [check_tolerance(t) for t in tolerances_mm]
   surfel_distances = compute_surface_distances(pred, ref, spacing, "deepmind")
   hd_distances = (surfel_distances if convention == "deepmind"
                   else compute_surface_distances(pred, ref, spacing, convention))

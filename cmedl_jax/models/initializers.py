@@ -8,8 +8,6 @@ PyTorch computes the fans of a ``ConvTranspose2d`` weight (in, out, kh, kw) from
 
 from __future__ import annotations
 
-import math
-
 from typing import Any, Callable
 
 import jax
@@ -62,11 +60,6 @@ def torch_default_kernel_init(transposed: bool = False):
 def kaiming_normal_fan_out():
   """kaiming_normal(mode="fan_out", nonlinearity="relu"), torchvision's ResNet conv init."""
   return jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-
-
-def xavier_normal_std(fan_in: int, fan_out: int, gain: float) -> float:
-  """The standard deviation of PyTorch's ``xavier_normal_`` (for tests and docs)."""
-  return gain * math.sqrt(2.0 / float(fan_in + fan_out))
 
 
 zeros = jax.nn.initializers.zeros

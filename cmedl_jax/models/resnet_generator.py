@@ -174,7 +174,3 @@ class ResnetGenerator(nn.Module):
         if encode_only and index == nce_layers[-1]:
           return feats
     return (h, feats) if nce_layers else h
-
-  def encode(self, x, nce_layers: Sequence[int] = CUT_NCE_LAYERS, train: bool = False):
-    """CUT's ``netG(x, nce_layers, encode_only=True)``: the activations at ``nce_layers`` (list of NHWC arrays)."""
-    return self(x, train=train, nce_layers=nce_layers, encode_only=True)

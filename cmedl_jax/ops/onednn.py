@@ -1,6 +1,6 @@
 """The library's convolutions inside jitted JAX code on CPU, through XLA's FFI (docs/performance.md).
 
-This module compiles ``csrc/onednn_conv.cc`` once per machine (``g++``, ~10 s) against the oneDNN wheels
+This module compiles ``csrc/onednn_conv.cc`` once per machine (``g++``) against the oneDNN wheels
 (``onednn-cpu-gomp`` and ``onednn-devel-cpu-gomp``, dependencies of cmedl_jax on x86-64 Linux) and jaxlib's FFI
 headers, caches the library under ``$CMEDL_ONEDNN_CACHE`` (default ``~/.cache/cmedl_jax/onednn``), registers its
 three handlers with XLA for the CPU platform and exposes them as :func:`conv_forward`, :func:`conv_backward_data`

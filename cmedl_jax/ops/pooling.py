@@ -1,8 +1,8 @@
 """2x2 max pooling: a CPU form with a custom VJP, and the plain ``lax.reduce_window`` form elsewhere.
 
-XLA:CPU's gradient of a ``reduce_window`` max (``select_and_scatter``) is 3-4x slower than the CPU form's custom VJP,
-which routes each window's gradient to its first maximal element in row-major order, as ``reduce_window``'s
-gradient and PyTorch do (so the subgradient at ties is the same in both forms).
+XLA:CPU runs the gradient of a ``reduce_window`` max (``select_and_scatter``) slowly (docs/performance.md), so the
+CPU form has a custom VJP instead, which routes each window's gradient to its first maximal element in row-major
+order, as ``reduce_window``'s gradient and PyTorch do (so the subgradient at ties is the same in both forms).
 """
 
 from __future__ import annotations

@@ -10,9 +10,9 @@ Writing the output index as ``o = m * s + a`` with phase ``a`` in [0, s) gives `
 depth-to-space reproduces the transposed convolution exactly, including ``padding``/``output_padding`` (they only
 decide which outputs are kept).
 
-Why: on XLA:CPU the weight gradient of ``lax.conv_transpose`` is pathologically slow (about 1.4 s for one 3x3/s2
-layer of the CycleGAN generator); the sub-pixel form is an ordinary convolution with a fast backward pass. It is the
-CPU form of :func:`cmedl_jax.ops.conv.conv_transpose2d`; GPU/TPU programs run the plain transposed convolution.
+Why: on XLA:CPU the weight gradient of ``lax.conv_transpose`` is pathologically slow (docs/performance.md); the
+sub-pixel form is an ordinary convolution with a fast backward pass. It is the CPU form of
+:func:`cmedl_jax.ops.conv.conv_transpose2d`; GPU/TPU programs run the plain transposed convolution.
 
 For CycleGAN's up layer (k=3, s=2, p=1, op=1) the sub-pixel kernel is 2x2 with one zero padding row/column on the
 high side, i.e. a ``SAME`` 2x2 convolution, and the output is exactly twice the input size.
@@ -139,8 +139,8 @@ def conv_transpose2d(x, kernel, bias=None, *, stride: int, padding: int = 0, out
     high = (rows - 1 + offset + n_taps - 1) - (size - 1)
     pads.append([low, high])
   if conv is not None and all(p >= 0 for pair in pads for p in pair):
-    # Explicit zero padding, then the given convolution (the CPU forms' kernel gradient is 4x faster than XLA's for
-    # the generator's up layers at 256 px).
+    # Explicit zero padding, then the given convolution: with a CPU form of cpu_conv, the up layers get that form's
+    # kernel gradient, faster than XLA's (docs/performance.md).
     x = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
     y = conv(x, sub_kernel)
   else:
@@ -153,19 +153,3 @@ def conv_transpose2d(x, kernel, bias=None, *, stride: int, padding: int = 0, out
   y = depth_to_space(y, stride)
   return y[:, :out_h, :out_w]
 
-
-def torch_conv_transpose_to_subpixel(weight, bias=None, *, stride: int, padding: int):
-  """Converts a PyTorch ``ConvTranspose2d`` weight (in, out, k, k) (+ bias) to a sub-pixel conv kernel (numpy).
-
-  The result, applied as a stride-1 HWIO convolution followed by :func:`depth_to_space` and a crop (see
-  :func:`conv_transpose2d` for the padding), reproduces the transposed convolution. For CycleGAN's up layer
-  (k=3, s=2, p=1, op=1): ``depth_to_space(conv_SAME(x, K) + b, 2)``.
-
-  Returns:
-    ``(kernel, bias)``: numpy (n, n, in, s * s * out) and (s * s * out,) (or ``None``).
-  """
-  weight = np.asarray(weight)
-  kernel = np.transpose(weight, (2, 3, 0, 1))
-  sub_kernel, sub_bias = transposed_kernel_to_subpixel(
-      jnp.asarray(kernel), None if bias is None else jnp.asarray(np.asarray(bias)), stride=stride, padding=padding)
-  return np.asarray(sub_kernel), None if sub_bias is None else np.asarray(sub_bias)

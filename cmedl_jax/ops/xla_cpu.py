@@ -1,10 +1,11 @@
 """Convolution forms that stay on XLA:CPU's fast paths (the ``xla`` CPU form of :mod:`cmedl_jax.ops`).
 
-Measured on 2-core x86-64 CPUs (docs/performance.md):
+Each function rewrites a convolution that XLA:CPU runs slowly into one it runs well (the measurements:
+docs/performance.md, "Measurements behind the code's choices"):
 
-- an unpadded ("VALID") convolution runs 3-5x slower than the same convolution with any non-zero padding, so
+- an unpadded ("VALID") convolution is slower than the same convolution with any non-zero padding, so
   :func:`conv_forward` runs unpadded convolutions as ``SAME`` ones and crops the border outputs (bit-identical);
-- XLA's weight-gradient convolution is 3-10x slower than the forward convolution on the large maps of the paper
+- XLA's weight-gradient convolution is much slower than the forward convolution on the large maps of the paper
   networks; :func:`conv_kernel_grad` computes the kernel gradient as matrix products over shifted views instead,
   where that is faster (:func:`use_matmul_kernel_grad`);
 - the input gradient of a stride-1 convolution is a padded convolution with the flipped kernel, run in the same
@@ -24,7 +25,7 @@ _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 # conv_kernel_grad: kernel rows whose shifted copies take more bytes run in a lax.scan (peak memory).
 _MAX_UNROLLED_ROW_BYTES = 16 * 2 ** 20
 # conv_kernel_grad: shifted operands at least this wide get one product per tap (XLA:CPU's concatenation of the
-# shifted views is a second copy, 1.3 s of the paper step); narrower ones one per kernel row (thin products are slow).
+# shifted views would be a second copy of them); narrower ones one per kernel row (thin products are slow).
 _MIN_CHANNELS_PER_TAP = 64
 # use_matmul_kernel_grad: with fewer channels on the non-shifted side, XLA's weight gradient is as fast.
 _MIN_OTHER_CHANNELS = 64
@@ -62,10 +63,10 @@ def conv_kernel_grad(x, g, kernel_shape, *, stride: int, padding: int, dilation:
   (N H W, out) per tap. Views of fewer than ``_MIN_CHANNELS_PER_TAP`` channels are concatenated along channels
   first (one (kw * c)-wide product per row: thin products run slowly), wider ones get one product per tap (the
   concatenation would be a second copy). Large operands go through a ``lax.scan`` over kernel rows, so that only
-  one row's shifted copies exist at a time (unrolled, XLA:CPU schedules the copies of many layers at once and the
-  paper step's peak temporary memory went from 4.5 to 10.7 GB, with the scan 4.8 GB); small ones are unrolled (the
-  loop costs ~1 ms per layer). XLA:CPU's own weight-gradient convolution is 2-7x slower than this on the paper
-  networks' 3x3/7x7 layers (docs/performance.md).
+  one row's shifted copies exist at a time (unrolled, XLA:CPU schedules the copies of many layers at once, which
+  multiplies the step's peak temporary memory); small ones are unrolled (the loop has a fixed cost per layer). On
+  the paper networks' 3x3/7x7 layers this is faster than XLA:CPU's own weight-gradient convolution
+  (docs/performance.md).
 
   Args:
     x: (N, H, W, in) input of the convolution (before its zero padding).
@@ -78,7 +79,7 @@ def conv_kernel_grad(x, g, kernel_shape, *, stride: int, padding: int, dilation:
   """
   kh, kw, cin, cout = kernel_shape
   # The barrier materialises x and g once: otherwise XLA fuses their producers (instance norm, ReLU, reflection
-  # padding) into every shifted copy and recomputes them per kernel row (measured 3x slower in the step).
+  # padding) into every shifted copy and recomputes them per kernel row.
   x, g = lax.optimization_barrier((x, g.astype(x.dtype)))
   if _shift_output_gradient(kernel_shape, stride, padding, dilation):
     rows = _kernel_rows_shifting_g(x, g, kernel_shape, padding, dilation)
@@ -156,12 +157,12 @@ def use_matmul_kernel_grad(out_shape, kernel_shape, stride: int = 1, padding: in
   """Where :func:`conv_kernel_grad` is used instead of XLA:CPU's weight-gradient convolution (docs/performance.md).
 
   The matrix products copy the shifted operand ``kh * kw`` times and do ``2 * c`` flops per copied value, ``c``
-  the other operand's channels; on the paper networks' layers (``c`` >= 64) they are 1.4-7x faster than XLA's
-  weight gradient, on the quickstart networks' 8-32 channel layers the copies cost more than XLA's convolution
-  saves (measured in the step). So they are used for: kernels of 2-4 taps (the sub-pixel up layers, whose XLA
-  gradient is 2-4x slower), kernels whose non-shifted operand has at least ``_MIN_OTHER_CHANNELS`` channels, and
-  kernels with one output channel (XLA runs their gradient as a whole-map window, 1.5x slower in the step) -- each
-  on maps of at least 4096 output pixels. 1x1 kernels are already a GEMM.
+  the other operand's channels, so they pay where ``c`` is large: on the paper networks' layers (``c`` >= 64) they
+  beat XLA's weight gradient, on the quickstart networks' 8-32 channel layers the copies cost more than XLA's
+  convolution saves. So they are used for: kernels of 2-4 taps (the sub-pixel up layers, whose XLA gradient is
+  slow), kernels whose non-shifted operand has at least ``_MIN_OTHER_CHANNELS`` channels, and kernels with one
+  output channel (XLA runs their gradient as a whole-map window) -- each on maps of at least 4096 output pixels.
+  1x1 kernels are already a GEMM.
   """
   n, out_h, out_w, cout = out_shape
   kh, kw, cin, _ = kernel_shape

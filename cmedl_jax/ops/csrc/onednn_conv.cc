@@ -13,8 +13,9 @@
 // Scratchpad and reorder buffers are thread-local: one set on the executor and one per pool helper. Optional
 // per-geometry timing: CmedlOnednnProfile* at the end.
 //
-// With the `winograd` attribute set, 3x3 stride-1 convolutions run as Winograd F(4x4, 3x3) instead (winograd.h:
-// 2-4x faster than oneDNN's direct kernels on AVX2 CPUs, ~1e-5 relative error), on the same executor thread.
+// With the `winograd` attribute set, 3x3 stride-1 convolutions run as Winograd F(4x4, 3x3) instead on AVX2 CPUs
+// (winograd.h: a quarter of the direct convolution's multiplications, ~1e-5 relative error), on the same executor
+// thread.
 
 #include <chrono>
 #include <condition_variable>
@@ -85,7 +86,7 @@ struct Geometry {
     return winograd != 0 && out_h == h + pad_top + pad_bottom - 2 && out_w == w + pad_left + pad_right - 2 &&
            cmedl_winograd::Eligible(kh, kw, stride_h, stride_w, dilation_h, dilation_w, cin, cout, pad_top, pad_left);
   }
-  // One channel on one side (thin_conv.h): always, the kernels are direct ones, 5-20x faster than oneDNN's here.
+  // One channel on one side (thin_conv.h): always; oneDNN pads the single channel to its 8-channel blocks.
   bool UsesThin(Kind kind) const {
     return out_h == (h + pad_top + pad_bottom - kh) / stride_h + 1 &&
            out_w == (w + pad_left + pad_right - kw) / stride_w + 1 &&
@@ -339,7 +340,7 @@ ffi::Error Run(Kind kind, const Geometry& g, float* src, float* weights, float* 
 // Every call runs on this one thread (and the pool's helpers), one call at a time, while the XLA thread that issued
 // it waits. XLA issues independent convolutions from several of its threads at once; run there, each call would
 // start an OpenMP team of its own (cores^2 threads in all) and the concurrent teams oversubscribe the cores
-// (measured, quickstart step: the convolutions' busy time 0.55 -> 0.29 s per step with this executor).
+// (docs/performance.md: the convolutions' busy time with and without this executor).
 class Executor {
  public:
   static Executor& Get() {

@@ -1,6 +1,7 @@
-// Direct convolutions with a single channel on one side, for the layers oneDNN runs at 2-15 GFLOP/s: the
-// generators' 7x7 first (1 -> F channels) and last (F -> 1) layers and the PatchGAN's first layer (1 -> F, 4x4,
-// stride 2), on full-resolution maps. Included by onednn_conv.cc; NHWC activations, HWIO kernels, float32.
+// Direct convolutions with a single channel on one side, for the layers oneDNN runs slowly (it pads the single
+// channel to its 8-channel blocks; docs/performance.md): the generators' 7x7 first (1 -> F channels) and last
+// (F -> 1) layers and the PatchGAN's first layer (1 -> F, 4x4, stride 2), on full-resolution maps. Included by
+// onednn_conv.cc; NHWC activations, HWIO kernels, float32.
 //
 // Two forward forms cover the forward passes and the input gradients:
 //   reduce:    y[p]    = sum_taps dot(x[s p + t - pad, 0..C), w[t, 0..C])       (C input channels, 1 output)
@@ -32,7 +33,7 @@ struct Problem {
 // One side 1 channel, the other a multiple of 8; equal strides, no dilation. The input gradient runs here for
 // 1-input-channel convolutions only (stride 1, padding below the kernel size: its padding is k - 1 - pad): it is then
 // a reduce convolution; the broadcast form writes a full-width map and is no faster than oneDNN's input gradient
-// (measured, 7x7 64 -> 1 at 256 px: 22 ms vs 11 ms).
+// (docs/performance.md).
 inline bool Eligible(int64_t kh, int64_t kw, int64_t stride_h, int64_t stride_w, int64_t dilation_h,
                      int64_t dilation_w, int64_t in, int64_t out, int64_t pad_top, int64_t pad_left, bool data_grad) {
   if (!cmedl_winograd::Supported() || stride_h != stride_w || dilation_h != 1 || dilation_w != 1) return false;

@@ -3,7 +3,7 @@
 //
 // Why: on CPUs without AVX-512 oneDNN has no Winograd kernels, and its direct 3x3 convolutions already run at the
 // FMA peak; F(4x4, 3x3) does 36 multiplications per 4x4 output tile and channel pair instead of 144, i.e. the 3x3
-// layers of the paper networks (80% of the step, docs/performance.md) need 4x fewer GEMM flops plus the transforms.
+// layers of the paper networks (most of the step, docs/performance.md) need 4x fewer GEMM flops plus the transforms.
 //
 // Method (Lavin & Gray 2016, points 0, +-1, +-2, inf): per 4x4 output tile t, the 6x6 input tile d_t becomes
 // V_t = B^T d_t B and the kernel g becomes U = G g G^T; for each of the 36 positions xi of the transformed tile,

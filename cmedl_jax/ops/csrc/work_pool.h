@@ -3,12 +3,11 @@
 //
 // Why: XLA runs its own fusions on the same cores while a convolution runs. An OpenMP parallel region splits its
 // work statically and ends in a barrier, so a team thread that XLA's threads have pushed off a core stalls the whole
-// call (small convolutions of the quickstart step took 3-16x their isolated time), and libgomp's idle team threads
-// spin between regions: a perf profile of the quickstart step on a 2-core VM put 29% of the process's CPU samples in
-// libgomp. Here the calling thread claims blocks of the loop itself; a helper that is not running when the loop
-// starts takes no share, the caller never waits for a helper to arrive, only for blocks already claimed to finish,
-// and idle helpers spin 10 us (the gaps between one convolution's loops) before sleeping on a condition variable.
-// Measured (docs/performance.md): the benchmark step as fast as before, 12-24% less CPU time per step.
+// call, and libgomp's idle team threads spin between regions, taking CPU time from XLA's threads. Here the calling
+// thread claims blocks of the loop itself; a helper that is not running when the loop starts takes no share, the
+// caller never waits for a helper to arrive, only for blocks already claimed to finish, and idle helpers spin 10 us
+// (the gaps between one convolution's loops) before sleeping on a condition variable. What that changed in the
+// step's time and CPU time: docs/performance.md.
 //
 // Claims: one 64-bit state word = generation (32 bits) | helpers allowed (8) | blocks left (24). A claim is a CAS
 // that decrements "blocks left" of the generation the helper saw, so a claim can only succeed while that loop is

@@ -1,0 +1,51 @@
+"""The benchmark tools themselves (cmedl_jax.bench): the convolution profile's arithmetic and the metrics benchmark.
+
+The other test files do not use the benchmark code (the step benchmark's tests are in test_torch_port.py).
+"""
+
+import jax
+import numpy as np
+import pytest
+
+from cmedl_jax.bench import conv_profile, metrics_bench
+from cmedl_jax.ops import onednn
+from tests.kernel_helpers import needs_onednn
+
+
+def test_profile_keys_of_the_library_kernels_parse():
+  direct = conv_profile.gflop("fwd n2 66x66x256 -> 64x64x256 k3x3 s1")
+  assert conv_profile.gflop("fwd n2 66x66x256 -> 64x64x256 k3x3 s1 winograd") == direct
+  assert conv_profile.gflop("dx  n4 134x134x1 -> 128x128x8 k7x7 s1 thin") == pytest.approx(
+      2 * 4 * 128 * 128 * 8 * 49 / 1e9)
+
+
+@needs_onednn
+def test_summary_of_a_onednn_profile_counts_calls_and_work():
+  rng = np.random.default_rng(30)
+  x = rng.standard_normal((3, 18, 14, 5)).astype(np.float32)
+  kernel = rng.standard_normal((4, 4, 5, 7)).astype(np.float32)
+  geometry = dict(stride=(2, 2), padding=((1, 1), (1, 1)))
+  onednn.profile_start()
+  for _ in range(2):
+    y = jax.block_until_ready(onednn.conv_forward(x, kernel, **geometry))
+  jax.block_until_ready(onednn.conv_backward_weights(x, y, kernel.shape, **geometry))
+  profile = onednn.profile_stop()
+  # multiply-adds x 2: every output element sums kh * kw * in products
+  assert conv_profile.gflop("fwd n3 18x14x5 -> 9x7x7 k4x4 s2") == pytest.approx(2 * 3 * 9 * 7 * 7 * 4 * 4 * 5 / 1e9)
+  summary = conv_profile.summarize(profile, step_s=1.0)
+  assert [row["calls"] for row in summary["rows"]] in ([2, 1], [1, 2])
+  assert summary["gflop"] == pytest.approx(3 * conv_profile.gflop("fwd n3 18x14x5 -> 9x7x7 k4x4 s2"))
+  assert summary["seconds_per_kind"]["dx"] == 0
+  with pytest.raises(ValueError, match="not a oneDNN profile key"):
+    conv_profile.gflop("conv 3x3")
+
+
+# surface-distance 0.1 imports from deprecated scipy.ndimage namespaces.
+@pytest.mark.filterwarnings("ignore:Please import:DeprecationWarning")
+def test_metrics_benchmark_runs_small(capsys):
+  pytest.importorskip("surface_distance")
+  assert metrics_bench.main(["--size", "24,24,12", "--repeats", "1"]) == 0
+  output = capsys.readouterr().out
+  assert "ratio jitted/reference" in output
+  values = [line[line.index(" dice "):line.index(" mm")] for line in output.splitlines() if " dice " in line]
+  assert len(values) == 4 and len(set(values)) == 1, output  # all four print the same metric values
