@@ -17,3 +17,17 @@ class DataError(ValueError):
     self.path = None if path is None else str(path)
     self.problem = problem
     super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+
+class ConfigError(ValueError):
+  """A config field (or the config file's argument) has a value that cannot be used.
+
+  Attributes:
+    field: the dotted field name(s) at fault, e.g. ``data.crop_size`` (or the config file for its argument).
+    problem: what was wrong and what is allowed.
+  """
+
+  def __init__(self, field, problem):
+    self.field = str(field)
+    self.problem = problem
+    super().__init__(f"{self.field}: {problem}")

@@ -1,7 +1,7 @@
-"""Baselines in the same framework: ct_only, pmri_only, ct_pmri_concat (docs/design.md).
+"""Baselines in the same framework: ct_only, pmri_only, ct_pmri_concat (cmedl_jax/train/methods.py).
 
-Launch (arg = "METHOD[,SEGMENTER[,TRANSLATOR]]"):
-  cmedl-train --config configs/baselines.py:ct_only,unet --workdir runs/ct_only_unet \
+Launch (argument: key=value pairs, defaults method=ct_only,translator=cyclegan,segmenter=unet):
+  cmedl-train --config configs/baselines.py:method=ct_only,segmenter=unet --workdir runs/ct_only_unet \
       --config.data.ct_dir=/data/Lung_CT --config.data.mri_dir=/data/Lung_T2w
 
 - ct_only: the student alone on CT (paper: DSC ~0.73 with U-Net). The MRI folder is still read (unused).
@@ -11,19 +11,18 @@ Runtime: like configs/cmedl.py (ct_only is about 4x cheaper per step: no transla
 """
 
 from cmedl_jax import config_base
+from cmedl_jax.models.build import SEGMENTERS
+from cmedl_jax.train.methods import METHODS, TRANSLATORS
 
-METHODS = ("ct_only", "pmri_only", "ct_pmri_concat")
+CHOICES = {"method": tuple(m for m in METHODS if m != "cmedl"), "translator": tuple(TRANSLATORS),
+           "segmenter": tuple(SEGMENTERS)}
+DEFAULTS = {"method": "ct_only", "translator": "cyclegan", "segmenter": "unet"}
 
 
-def get_config(arg="ct_only,unet"):
-  parts = (arg or "ct_only,unet").split(",")
-  method = parts[0]
-  segmenter = parts[1] if len(parts) > 1 else "unet"
-  translator = parts[2] if len(parts) > 2 else "cyclegan"
-  if method not in METHODS:
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+def get_config(arg=None):
+  args = config_base.parse_arg(arg, CHOICES, DEFAULTS, "configs/baselines.py")
   c = config_base.base_config()
-  c.method = method
-  c.translator = translator
-  c.model.segmenter = segmenter
+  c.method = args["method"]
+  c.translator = args["translator"]
+  c.model.segmenter = args["segmenter"]
   return c

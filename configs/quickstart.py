@@ -1,38 +1,31 @@
 """Quickstart: CMEDL (CycleGAN + tiny U-Nets) on generated thorax phantoms, CPU, a few minutes.
 
-Launch:
+Launch (argument: translator=cyclegan|cut, default cyclegan):
   cmedl-train --config configs/quickstart.py --workdir runs/quickstart
-  (arg selects the translator: configs/quickstart.py:cut)
 
-Expected: phantoms (8 CT + 8 unpaired MRI for training, 4 held-out CT for testing) are generated into
-runs/phantoms on the first run; 600 steps of batch 8 at 64x64 px; the student's loss falls from ~1.4 to ~0.4,
-the previews in runs/quickstart/previews show pMRI and teacher/student masks on the tumors, and the held-out
-evaluation is written to runs/quickstart/eval/CT: on a 2-core x86-64 machine with the default kernels, student
-DSC 0.47 +- 0.27, sDSC@2mm 0.53, HD95 21 mm, a few small false-positive components per case. Runs are bitwise
-reproducible on one machine and thread count (a second run logs the same values and scores); another machine or
-thread count rounds differently and ends elsewhere (other 2-core machines gave DSC 0.38-0.53). Tumors inside the lung are segmented well; the low-contrast tumors abutting
-the mediastinum are the hard part on CT, which is what CMEDL's MRI teacher is meant to help with over long runs
-(docs/RESULTS.md has 3 seeds x 8 held-out cases of this config; --config.train.total_steps=1200 continues a run).
-Runtime: ~3 minutes on a 2-core CPU, with the phantoms' generation and the evaluation (compilation ~1 minute).
-
-Deviation from the paper-scale defaults, on purpose: lambda_hint = 0.1 instead of 1. In a run of a few hundred
-steps the teacher is still poor when the hint starts pulling, and with lambda_hint = 1 the student predicted no
-tumor at all after 600 and 1000 steps (measured), while 0.1 reached DSC 0.76 (CT-only: 0.79) at 600 steps.
-configs/cmedl.py keeps the design's lambda_hint = 1 (docs/design.md).
+Expected: the student scores about DSC 0.4-0.5 on the 4 held-out phantoms (runs/quickstart/eval/CT); a second
+run on the same machine and thread count logs bitwise the same values (docs/RESULTS.md has longer runs).
+Runtime: ~3 minutes on 2 CPU cores (8 CT + 8 MRI phantoms generated into runs/phantoms, 600 steps at 64 px).
+lambda_hint is 0.1, not the design's 1: in a run this short the teacher is still poor when the hint pulls.
 """
 
 from cmedl_jax import config_base
+from cmedl_jax.train.methods import TRANSLATORS
+
+CHOICES = {"translator": tuple(TRANSLATORS)}
+DEFAULTS = {"translator": "cyclegan"}
 
 
-def get_config(arg="cyclegan"):
+def get_config(arg=None):
+  args = config_base.parse_arg(arg, CHOICES, DEFAULTS, "configs/quickstart.py")
   c = config_base.base_config()
-  c.translator = arg or "cyclegan"
+  c.translator = args["translator"]
   c.data.make_phantoms = True
   c.data.ct_dir = "runs/phantoms/CT"
   c.data.mri_dir = "runs/phantoms/MRI"
   c.data.phantoms.out = "runs/phantoms"
   c.data.phantoms.update(num_ct=8, num_mri=8, num_test=4, size=96, slices=24)
-  c.eval.data_dir = "runs/phantoms/test/CT"  # 4 held-out phantoms, evaluated when training ends
+  c.eval.data_dir = "runs/phantoms/test/CT"  # the 4 held-out phantoms, evaluated when training ends
   c.data.crop_size = 64
   c.data.global_batch_size = 8
   c.data.foreground_fraction = 0.5

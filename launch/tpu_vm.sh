@@ -2,7 +2,7 @@
 # CMEDL on a multi-host Cloud TPU VM slice (e.g. v4-32: 4 workers): the same command on every worker.
 #
 #   launch/tpu_vm.sh setup TPU_NAME ZONE                  # copy this repository to every worker and install it
-#   launch/tpu_vm.sh train TPU_NAME ZONE --config configs/cmedl.py:cyclegan,unet --workdir /mnt/shared/runs/cmedl \
+#   launch/tpu_vm.sh train TPU_NAME ZONE --config configs/cmedl.py:translator=cyclegan,segmenter=unet --workdir /mnt/shared/runs/cmedl \
 #       --config.data.ct_dir=/mnt/shared/data/Lung_CT --config.data.mri_dir=/mnt/shared/data/Lung_T2w
 #   launch/tpu_vm.sh stop TPU_NAME ZONE                   # SIGTERM to every worker's trainer (checkpoint, exit)
 #

@@ -30,13 +30,13 @@ def phantom_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained_run(phantom_dirs, tmp_path_factory):
-  """A 4-step tiny CMEDL run on the phantoms: (workdir, TrainResult)."""
-  from cmedl_jax.train import trainer
+  """A 4-step tiny CMEDL job on the phantoms, evaluated at the end: (workdir, job.JobResult)."""
+  from cmedl_jax.train import job
   from tests.tiny import phantom_config
   workdir = tmp_path_factory.mktemp("run")
   cfg = phantom_config(phantom_dirs, 4, preview_every=2, async_checkpoint=True)
   cfg.eval.data_dir = phantom_dirs[0]  # exercise the evaluation at the end of training
-  return workdir, trainer.train(cfg, str(workdir), progress=False)
+  return workdir, job.train_and_evaluate(cfg, str(workdir), progress=False)
 
 
 @pytest.fixture(scope="session")

@@ -38,10 +38,10 @@ def _restore(spec, phantom_dirs, is_main):
   import jax
   import numpy as np
   from jax.sharding import NamedSharding, PartitionSpec as P
-  from cmedl_jax.train import checkpointing, networks, state as state_lib, step as step_lib
+  from cmedl_jax.train import checkpointing, methods, state as state_lib, step as step_lib
   from tests.tiny import phantom_config
   cfg = phantom_config(phantom_dirs)
-  nets = networks.build_networks(cfg)
+  nets = methods.build_networks(cfg)
   optimizers = state_lib.make_optimizers(cfg, nets)
   size = cfg.data.crop_size
   abstract = jax.eval_shape(lambda k: state_lib.create_train_state(nets, cfg, optimizers, k, (size, size, 1)),

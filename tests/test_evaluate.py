@@ -15,6 +15,7 @@ from cmedl_jax import ops
 from cmedl_jax.data import dataset_index, nifti_io, preprocess
 from cmedl_jax.errors import DataError
 from cmedl_jax.evaluate import cli, inference, scoring
+from cmedl_jax.evaluate import run as evaluate_run
 from cmedl_jax.train import checkpointing
 
 AFFINE = np.array([[-0.8, 0, 0, 40.0], [0, -0.8, 0, 30.0], [0, 0, 2.5, -60.0], [0, 0, 0, 1]])
@@ -29,9 +30,47 @@ def predictor(trained_run):
   return inference.load_predictor(str(workdir))
 
 
-def test_predictor_restores_the_trained_student(predictor, trained_run):
-  assert predictor.step == 4 and predictor.cfg.method == "cmedl" and predictor.test_time_network == "student"
-  assert set(predictor.variables["params"]) == {"student", "teacher", "gen_ct2mr"}
+def _state_variables(workdir, step):
+  """The student's params and batch statistics at ``step``, read from the whole train state (orbax, untargeted)."""
+  import orbax.checkpoint as ocp
+  state = ocp.StandardCheckpointer().restore(os.path.join(str(workdir), "checkpoints", str(step), "state"))
+  return {"params": {"student": state["params"]["student"]},
+          "batch_stats": {"student": state["batch_stats"]["student"]}}
+
+
+def _assert_trees_equal(a, b):
+  assert jax.tree.structure(jax.tree.map(np.asarray, a)) == jax.tree.structure(jax.tree.map(np.asarray, b))
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_predictor_restores_only_the_trained_student(predictor, trained_run):
+  workdir, _ = trained_run
+  assert predictor.step == 4 and predictor.cfg.method == "cmedl" and predictor.method.test_time_networks == ("student",)
+  assert set(predictor.variables["params"]) == {"student"} and set(predictor.variables["batch_stats"]) == {"student"}
+  _assert_trees_equal(predictor.variables, _state_variables(workdir, 4))
+
+
+def test_runs_saved_without_the_model_item_still_evaluate(trained_run, tmp_path):
+  import shutil
+  workdir, _ = trained_run
+  old = tmp_path / "old_run"
+  shutil.copytree(workdir / "checkpoints", old / "checkpoints")
+  for step in os.listdir(old / "checkpoints"):
+    shutil.rmtree(old / "checkpoints" / step / "model")
+  legacy = inference.load_predictor(str(old))
+  _assert_trees_equal(legacy.variables, _state_variables(workdir, 4))
+
+
+def test_a_run_of_an_unknown_method_fails_naming_the_run(trained_run, monkeypatch):
+  workdir, _ = trained_run
+  restore = checkpointing.RunCheckpointer.restore_config
+  monkeypatch.setattr(checkpointing.RunCheckpointer, "restore_config",
+                      lambda self, step: {**restore(self, step), "method": "ct_mri_blend"})
+  with pytest.raises(DataError, match=r"the run was trained with a method this version does not have \(unknown "
+                                      r"method 'ct_mri_blend'") as raised:
+    inference.load_predictor(str(workdir))
+  assert raised.value.path == str(workdir)
 
 
 @pytest.mark.parametrize("run_backend, run_algorithm, expected", [
@@ -64,7 +103,7 @@ def test_predictions_of_the_default_and_the_plain_kernels_agree(trained_run):
   for name, kernels in (("default", None), ("plain", ops.Kernels("plain"))):
     predictor = inference.load_predictor(str(workdir), kernels=kernels)
     logits = jax.jit(ops.using(predictor.kernels, lambda v, x: predictor.nets.segment(
-        predictor.nets.student, v["params"]["student"], v["batch_stats"]["student"], x, train=False)[0]))
+        "student", v["params"]["student"], v["batch_stats"]["student"], x, train=False)[0]))
     x = preprocess.axial_slices(preprocess.normalize_ct(hu, tuple(predictor.cfg.data.ct_window)))[..., None]
     logits_of[name] = np.asarray(logits(predictor.variables, x))
   np.testing.assert_allclose(logits_of["default"], logits_of["plain"], rtol=1e-4, atol=1e-4)
@@ -80,7 +119,7 @@ def test_volume_inference_equals_slice_by_slice_application(predictor):
   slices = preprocess.axial_slices(preprocess.normalize_ct(hu))
   nets, v = predictor.nets, predictor.variables
   for k in (0, 7, 12):
-    logits, _, _ = nets.segment(nets.student, v["params"]["student"], v["batch_stats"]["student"],
+    logits, _, _ = nets.segment("student", v["params"]["student"], v["batch_stats"]["student"],
                                 jnp.asarray(slices[k][None, ..., None]), train=False)
     np.testing.assert_array_equal(out[:, :, k], np.argmax(np.asarray(logits[0]), -1))
 
@@ -92,7 +131,7 @@ def test_volume_inference_handles_sizes_not_divisible_by_the_stride(predictor):
 
 def test_evaluate_run_writes_predictions_on_the_input_grid(trained_run, phantom_dirs, tmp_path):
   workdir, _ = trained_run
-  out_dir, summary = cli.evaluate_run(str(workdir), phantom_dirs[0], str(tmp_path / "eval"), progress=None,
+  out_dir, summary = evaluate_run.evaluate_run(str(workdir), phantom_dirs[0], str(tmp_path / "eval"), progress=None,
                                       tolerances_mm=(2.0, 4.0))
   index = dataset_index.load_dataset(phantom_dirs[0])
   for case in index.cases:
@@ -103,7 +142,7 @@ def test_evaluate_run_writes_predictions_on_the_input_grid(trained_run, phantom_
   document = json.load(open(os.path.join(out_dir, "summary.json")))
   assert len(document["metric_per_case"]) == len(index.cases)
   assert set(document["mean"]["1"]) >= {"dice", "surface_dice_2mm", "surface_dice_4mm", "hd95_mm"}
-  assert document["settings"]["test_time_network"] == "student" and document["settings"]["checkpoint_step"] == 4
+  assert document["settings"]["test_time_networks"] == ["student"] and document["settings"]["checkpoint_step"] == 4
   rows = list(csv.DictReader(open(os.path.join(out_dir, "cases.csv"))))
   assert [r["case"] for r in rows] == [c.case_id for c in index.cases]
   assert summary["num_cases"] == len(index.cases)
@@ -137,7 +176,7 @@ def test_inplane_resampling_segments_at_the_target_pixel_size_and_returns_the_in
 
 def test_evaluate_run_with_inplane_spacing_keeps_the_input_grid(trained_run, phantom_dirs, tmp_path):
   workdir, _ = trained_run
-  out_dir, _ = cli.evaluate_run(str(workdir), phantom_dirs[0], str(tmp_path / "eval"), progress=None,
+  out_dir, _ = evaluate_run.evaluate_run(str(workdir), phantom_dirs[0], str(tmp_path / "eval"), progress=None,
                                 inplane_spacing_mm=3.0, tolerances_mm=(2.0,))
   for case in dataset_index.load_dataset(phantom_dirs[0]).cases:
     written = nib.load(os.path.join(out_dir, "predictions", f"{case.case_id}.nii.gz"))

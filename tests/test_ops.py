@@ -136,12 +136,12 @@ def test_accelerator_programs_hold_the_plain_form_whatever_the_cpu_form(form, pl
 def test_train_step_for_gpu_and_tpu_is_plain_lax_and_jax_grad(platform):
   # The whole CMEDL step of the default configuration (CPU form "auto"), lowered for an accelerator, against the
   # same step built with the plain form everywhere.
-  from cmedl_jax.train import networks, state as state_lib, step as step_lib
+  from cmedl_jax.train import methods, state as state_lib, step as step_lib
   programs = {}
   for name in ("auto", "plain"):
     cfg = tiny_config()
     cfg.conv_backend = name
-    nets = networks.build_networks(cfg)
+    nets = methods.build_networks(cfg)
     optimizers = state_lib.make_optimizers(cfg, nets)
     mesh = step_lib.make_mesh(jax.devices()[:1])
     state = jax.eval_shape(lambda k: state_lib.create_train_state(nets, cfg, optimizers, k, (32, 32, 1)),
@@ -217,9 +217,9 @@ def test_onednn_fails_where_the_library_is_missing(monkeypatch):
 def test_importing_and_building_the_networks_builds_no_cpp(tmp_path):
   code = ("import jax, os\n"
           "from cmedl_jax import models\n"
-          "from cmedl_jax.train import networks, trainer\n"
+          "from cmedl_jax.train import methods, trainer\n"
           "from tests.tiny import tiny_config\n"
-          "nets = networks.build_networks(tiny_config())\n"
+          "nets = methods.build_networks(tiny_config())\n"
           "from cmedl_jax.ops import onednn\n"
           "print(sorted(onednn._state), os.listdir(os.environ['CMEDL_ONEDNN_CACHE']))\n")
   env = dict(os.environ, CMEDL_ONEDNN_CACHE=str(tmp_path))

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from cmedl_jax.train import networks
+from cmedl_jax.train import methods
 from cmedl_jax.train import state as state_lib
 from cmedl_jax.train import step as step_lib
 from tests.tiny import random_batch, tiny_config
@@ -50,7 +50,7 @@ def run_both(cfg):
   pytest.importorskip("torch")
   from cmedl_jax.torch_port import bridge, reference_step
   torch_step = reference_step.CMEDLStep.from_config(cfg, seed=0)
-  nets = networks.build_networks(cfg)
+  nets = methods.build_networks(cfg)
   optimizers = state_lib.make_optimizers(cfg, nets)
   mesh = step_lib.make_mesh(jax.devices()[:1])
   state = bridge.train_state_from_torch(torch_step.state_dicts(), nets, cfg, optimizers, (32, 32, 1), mesh=mesh)

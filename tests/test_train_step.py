@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from cmedl_jax.train import image_pool, losses, networks
+from cmedl_jax.train import image_pool, losses, methods
 from cmedl_jax.train import state as state_lib
 from cmedl_jax.train import step as step_lib
 from tests.tiny import random_batch, tiny_config
 
 
 def _setup(cfg):
-  nets = networks.build_networks(cfg)
+  nets = methods.build_networks(cfg)
   optimizers = state_lib.make_optimizers(cfg, nets)
   init = jax.jit(lambda k: state_lib.create_train_state(nets, cfg, optimizers, k, (32, 32, 1)))
   state = state_lib.run_once(init, jax.random.key(0))
@@ -106,9 +106,9 @@ def _grad_pieces(cfg, nets, st, batch, pieces=tuple(PIECES)):
 
   def per_device(params, batch):
     def term(name_weights, p):
-      _, (metrics, *_rest) = step_lib.compute_losses(p, st.batch_stats, st.pools, batch, key, nets=nets, cfg=cfg)
+      _, (metrics, *_rest) = methods.compute_losses(p, st.batch_stats, st.pools, batch, key, nets=nets, cfg=cfg)
       return sum(w * metrics[n] for n, w in name_weights)
-    total = jax.grad(lambda p: step_lib.compute_losses(p, st.batch_stats, st.pools, batch, key, nets=nets,
+    total = jax.grad(lambda p: methods.compute_losses(p, st.batch_stats, st.pools, batch, key, nets=nets,
                                                        cfg=cfg)[0])(params)
     out = {name: jax.grad(functools.partial(term, PIECES[name]))(params) for name in pieces}
     out["total"] = total
@@ -223,7 +223,7 @@ def test_run_once_keeps_values_and_shardings(cmedl_setup):
   _, nets, _, _ = cmedl_setup
   mesh = step_lib.make_mesh(jax.devices()[:2])
   replicated = jax.sharding.NamedSharding(mesh, P())
-  init = jax.jit(lambda k: nets.disc_mr.init(k, jnp.zeros((1, 32, 32, 1)))["params"], out_shardings=replicated)
+  init = jax.jit(lambda k: nets["disc_mr"].init(k, jnp.zeros((1, 32, 32, 1)))["params"], out_shardings=replicated)
   key = jax.random.key(3)
   fast, plain = state_lib.run_once(init, key), init(key)
   assert jax.tree.structure(fast) == jax.tree.structure(plain)

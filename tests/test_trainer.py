@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from cmedl_jax.train import networks
+from cmedl_jax.errors import ConfigError
+from cmedl_jax.train import methods
 from cmedl_jax.train import step as step_lib
 from cmedl_jax.train import trainer
 from tests.tiny import phantom_config, tiny_config
@@ -25,7 +26,8 @@ def _losses(history):
 
 @pytest.fixture(scope="module")
 def uninterrupted(trained_run):
-  return trained_run
+  workdir, job_result = trained_run
+  return workdir, job_result.train
 
 
 def test_run_writes_metrics_checkpoints_previews_and_config(uninterrupted):
@@ -42,10 +44,16 @@ def test_run_writes_metrics_checkpoints_previews_and_config(uninterrupted):
   saved = json.load(open(workdir / "config.json"))
   assert saved["method"] == "cmedl" and saved["train"]["total_steps"] == 4
   assert any(name.startswith("events") for name in os.listdir(workdir / "tensorboard"))
-  # The finished run was evaluated on config.eval.data_dir.
-  assert result.eval_summary["num_cases"] == 3
   ct_folder = os.path.basename(os.path.normpath(result_config_data_dir(workdir)))
   assert os.path.exists(workdir / "eval" / ct_folder / "summary.json")
+
+
+def test_the_finished_job_is_evaluated_on_eval_data_dir(trained_run):
+  workdir, job_result = trained_run
+  assert job_result.eval_summary["num_cases"] == 3
+  assert job_result.eval_dir == os.path.join(str(workdir), "eval", os.path.basename(result_config_data_dir(workdir)))
+  # The checkpoint holds the test-time networks as their own item (test_evaluate reads it).
+  assert {"config", "data", "model", "state"} <= set(os.listdir(workdir / "checkpoints" / "4"))
 
 
 def result_config_data_dir(workdir):
@@ -150,8 +158,9 @@ def test_non_finite_step_is_skipped_reported_at_the_next_sync_and_never_saved(ph
 
 def test_missing_data_folders_are_reported(tmp_path):
   cfg = tiny_config()
-  with pytest.raises(ValueError, match="set config.data.ct_dir"):
-    trainer.train(cfg, str(tmp_path), progress=False)
+  with pytest.raises(ConfigError, match=r"data.ct_dir: set the dataset folder \(or data.make_phantoms=True\)"):
+    trainer.train(cfg, str(tmp_path / "run"), progress=False)
+  assert not (tmp_path / "run").exists()  # validated before anything is written
 
 
 def _converted_folder(tmp_path, name, cfg, seed):
@@ -159,7 +168,7 @@ def _converted_folder(tmp_path, name, cfg, seed):
   import jax
 
   from cmedl_jax.torch_port import convert
-  module = getattr(networks.build_networks(cfg), name)
+  module = methods.build_networks(cfg)[name]
   shape = (1, cfg.data.crop_size, cfg.data.crop_size, 1)
   variables = jax.device_get(module.init(jax.random.key(seed), np.zeros(shape, np.float32),
                                          **({"train": False} if name in ("teacher", "student") else {})))
@@ -170,14 +179,14 @@ def _converted_folder(tmp_path, name, cfg, seed):
 
 
 def test_init_from_converted_weights_starts_those_networks(phantom_dirs, tmp_path):
-  from cmedl_jax.evaluate import inference
+  import orbax.checkpoint as ocp
   cfg = _config(phantom_dirs, total_steps=1, preview_every=0)
   cfg.eval.data_dir = ""
   cfg.optim.seg.lr = cfg.optim.gen.lr = 0.0  # the checkpoint after one step then holds the loaded weights
   cfg.init_from.student, student = _converted_folder(tmp_path, "student", cfg, seed=11)
   cfg.init_from.gen_ct2mr, generator = _converted_folder(tmp_path, "gen_ct2mr", cfg, seed=12)
   trainer.train(cfg, str(tmp_path / "run"), progress=False)
-  restored = inference.load_predictor(str(tmp_path / "run")).variables["params"]
+  restored = ocp.StandardCheckpointer().restore(str(tmp_path / "run" / "checkpoints" / "1" / "state"))["params"]
   for name, variables in (("student", student), ("gen_ct2mr", generator)):
     got = jax.tree.leaves(restored[name])
     want = jax.tree.leaves(variables["params"])
@@ -187,25 +196,25 @@ def test_init_from_converted_weights_starts_those_networks(phantom_dirs, tmp_pat
 
 
 def test_init_from_errors_name_the_field_and_the_problem(phantom_dirs, tmp_path):
-  from cmedl_jax.torch_port import bridge
+  from cmedl_jax.train import init_from
   cfg = _config(phantom_dirs)
-  nets = networks.build_networks(cfg)
+  nets = methods.build_networks(cfg)
   image_shape = (cfg.data.crop_size, cfg.data.crop_size, 1)
   with pytest.raises(ValueError, match=r"nothing: init_from.student: not a cmedl-convert-torch output folder"):
-    bridge.load_converted_weights({"student": str(tmp_path / "nothing")}, nets, image_shape)
+    init_from.load_converted_weights({"student": str(tmp_path / "nothing")}, nets, image_shape)
   folder, _ = _converted_folder(tmp_path, "student", cfg, seed=0)
   with pytest.raises(ValueError, match=r"student: init_from.gen_mr2ct: the converted unet\(.*does not fit this "
                                        r"run's gen_mr2ct: missing"):
-    bridge.load_converted_weights({"gen_mr2ct": folder}, nets, image_shape)
-  ct_only = networks.build_networks(_ct_only(cfg))
+    init_from.load_converted_weights({"gen_mr2ct": folder}, nets, image_shape)
+  ct_only = methods.build_networks(_ct_only(cfg))
   with pytest.raises(ValueError, match=r"this run has no network 'gen_ct2mr' \(its networks: student\)"):
-    bridge.load_converted_weights({"gen_ct2mr": folder}, ct_only, image_shape)
+    init_from.load_converted_weights({"gen_ct2mr": folder}, ct_only, image_shape)
   (tmp_path / "damaged").mkdir()
   for name in ("arch.json", "variables.msgpack"):
     (tmp_path / "damaged" / name).write_text("{not json")
   with pytest.raises(ValueError, match=r"damaged: init_from.student: cannot read the converted weights"):
-    bridge.load_converted_weights({"student": str(tmp_path / "damaged")}, nets, image_shape)
-  assert bridge.load_converted_weights({"student": "", "teacher": ""}, nets, image_shape) == {}
+    init_from.load_converted_weights({"student": str(tmp_path / "damaged")}, nets, image_shape)
+  assert init_from.load_converted_weights({"student": "", "teacher": ""}, nets, image_shape) == {}
 
 
 def _ct_only(cfg):
@@ -215,10 +224,11 @@ def _ct_only(cfg):
 
 
 def test_with_converted_weights_replaces_params_and_batch_statistics_of_the_named_networks(phantom_dirs, tmp_path):
-  from cmedl_jax.torch_port import bridge, convert
+  from cmedl_jax.torch_port import convert
+  from cmedl_jax.train import init_from
   from cmedl_jax.train import state as state_lib
   cfg = _config(phantom_dirs)
-  nets = networks.build_networks(cfg)
+  nets = methods.build_networks(cfg)
   optimizers = state_lib.make_optimizers(cfg, nets)
   image_shape = (cfg.data.crop_size, cfg.data.crop_size, 1)
   fresh = state_lib.create_train_state(nets, cfg, optimizers, jax.random.key(0), image_shape)
@@ -226,7 +236,7 @@ def test_with_converted_weights_replaces_params_and_batch_statistics_of_the_name
   # Running statistics unlike any fresh init (mean 0, var 1), so that a copy is visible.
   variables["batch_stats"] = jax.tree.map(lambda v: np.asarray(v) + 3.0, variables["batch_stats"])
   convert.save(convert.convert_arch("unet", convert.variables_to_state_dict(variables)), folder)
-  state = bridge.with_converted_weights(fresh, {"student": folder}, nets, cfg, optimizers, image_shape)
+  state = init_from.with_converted_weights(fresh, {"student": folder}, nets, cfg, optimizers, image_shape)
   for got, want in ((state.params["student"], variables["params"]),
                     (state.batch_stats["student"], variables["batch_stats"]),
                     (state.params["teacher"], fresh.params["teacher"]),

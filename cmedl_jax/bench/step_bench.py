@@ -49,7 +49,8 @@ import numpy as np
 
 from cmedl_jax import config_base
 
-_CONFIGS = {"quickstart": ("configs/quickstart.py", "cyclegan"), "paper": ("configs/cmedl.py", "cyclegan,unet")}
+_CONFIGS = {"quickstart": ("configs/quickstart.py", "translator=cyclegan"),
+            "paper": ("configs/cmedl.py", "translator=cyclegan,segmenter=unet")}
 
 
 def load_config(spec: str):
@@ -102,12 +103,12 @@ class JaxRunner:
 
     from cmedl_jax import ops
     from cmedl_jax.torch_port import bridge
-    from cmedl_jax.train import networks
+    from cmedl_jax.train import methods
     from cmedl_jax.train import state as state_lib
     from cmedl_jax.train import step as step_lib
 
     self._jax = jax
-    nets = networks.build_networks(cfg)
+    nets = methods.build_networks(cfg)
     optimizers = state_lib.make_optimizers(cfg, nets)
     mesh = step_lib.make_mesh()
     self.kernels = ops.from_config(cfg)

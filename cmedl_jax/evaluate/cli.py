@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import sys
-import time
 
 from cmedl_jax.errors import DataError
 
@@ -44,53 +43,6 @@ def _metric_kwargs(args):
               connectivity=None if args.connectivity == "full" else 1)
 
 
-def evaluate_run(workdir, data_dir, out_dir=None, *, step=None, batch_size=None, inplane_spacing_mm=None,
-                 progress=print, **metric_kwargs):
-  """Predicts every case of ``data_dir`` with the run's test-time network, writes NIfTIs and scores them.
-
-  ``inplane_spacing_mm``: segment each scan resampled in-plane to this pixel size (the predictions and metrics
-  stay on the scan's own grid); None segments at the scan's resolution.
-  """
-  from cmedl_jax.data import dataset_index, nifti_io
-  from cmedl_jax.evaluate import inference, scoring
-
-  index = dataset_index.load_dataset(data_dir, require_labels=True)
-  predictor = inference.load_predictor(workdir, step)
-  out_dir = out_dir or inference.default_output_dir(workdir, data_dir)
-  pred_dir = os.path.join(out_dir, "predictions")
-  segmenter = inference.VolumeSegmenter(predictor, batch_size)
-  allowed = set(index.labels.values())
-  case_rows, lesion_rows, fp_rows, files = [], [], [], {}
-  t0 = time.time()
-  for i, case in enumerate(index.cases):
-    image, label = nifti_io.load_case(case.image, case.label, allowed_labels=allowed)
-    if inplane_spacing_mm:
-      prediction = inference.segment_at_inplane_spacing(segmenter, image.data, image.spacing, inplane_spacing_mm)
-    else:
-      prediction = segmenter(image.data)
-    pred_path = nifti_io.save_like(os.path.join(pred_dir, f"{case.case_id}.nii.gz"), prediction, image)
-    row, lesions, fps = scoring.score_case(case.case_id, prediction > 0, label.data > 0, image.spacing,
-                                           **metric_kwargs)
-    case_rows.append(row)
-    lesion_rows += lesions
-    fp_rows += fps
-    files[case.case_id] = (pred_path, case.label)
-    if progress:
-      progress(f"[{i + 1}/{len(index.cases)}] {case.case_id}: DSC {row['dice']:.3f}, HD95 {row['hd95_mm']:.2f} mm, "
-               f"lesions {row['lesions_detected']}/{row['lesions']} detected, "
-               f"{row['false_positive_components']} false-positive component(s)")
-  settings = {"workdir": os.path.abspath(workdir), "checkpoint_step": predictor.step,
-              "method": predictor.cfg.method, "test_time_network": predictor.test_time_network,
-              "data": os.path.abspath(data_dir), "inplane_spacing_mm": inplane_spacing_mm,
-              "tolerances_mm": list(metric_kwargs.get("tolerances_mm", ())),
-              "hd95_convention": metric_kwargs.get("convention", "deepmind"),
-              "empty_policy": metric_kwargs.get("empty_policy", "inf"),
-              "lesion_connectivity": metric_kwargs.get("connectivity") or "full",
-              "seconds": round(time.time() - t0, 2)}
-  summary = scoring.write_results(out_dir, case_rows, lesion_rows, fp_rows, files=files, settings=settings)
-  return out_dir, summary
-
-
 def main_evaluate(argv=None):
   parser = argparse.ArgumentParser(prog="cmedl-evaluate", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -107,12 +59,12 @@ def main_evaluate(argv=None):
   if args.inplane_spacing is not None and not args.inplane_spacing > 0:
     parser.error(f"--inplane-spacing must be a positive number of mm, got {args.inplane_spacing}")
   logging.basicConfig(level=logging.WARNING, format="%(message)s")
-  from cmedl_jax.evaluate import scoring
+  from cmedl_jax.evaluate import run, scoring
   from cmedl_jax.utils import compilation_cache
   compilation_cache.enable_persistent_cache()
   kwargs = _metric_kwargs(args)
   try:
-    out_dir, summary = evaluate_run(args.workdir, args.data, args.out, step=args.step, batch_size=args.batch_size,
+    out_dir, summary = run.evaluate_run(args.workdir, args.data, args.out, step=args.step, batch_size=args.batch_size,
                                     inplane_spacing_mm=args.inplane_spacing, **kwargs)
   except (DataError, FileNotFoundError) as e:
     print(f"ERROR {e}", file=sys.stderr)

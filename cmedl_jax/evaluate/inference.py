@@ -1,4 +1,4 @@
-"""Test-time inference: the trained student (or the baseline's test-time network) over whole CT volumes.
+"""Test-time inference: the method's test-time forward (CMEDL: the student) over whole CT volumes.
 
 Volumes are cut into axial slices, padded in-plane to a multiple of the network's stride and grouped into
 fixed-shape batches (the last one padded, with a mask of the real slices), so one compiled function serves every
@@ -21,7 +21,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cmedl_jax import ops
 from cmedl_jax.data import preprocess
-from cmedl_jax.train import checkpointing, networks
+from cmedl_jax.errors import DataError
+from cmedl_jax.train import checkpointing, methods, networks
 from cmedl_jax.train import state as state_lib
 from cmedl_jax.train import step as step_lib
 
@@ -38,7 +39,7 @@ class Predictor:
   Attributes:
     cfg: the run's resolved config.
     nets: its networks.
-    variables: {"params": ..., "batch_stats": ...} of the networks used at test time.
+    variables: {"params": ..., "batch_stats": ...} of the method's test-time networks.
     step: the checkpoint step.
     kernels: the CPU implementation of the ops inference traces (:mod:`cmedl_jax.ops`).
   """
@@ -50,9 +51,8 @@ class Predictor:
   kernels: ops.Kernels = ops.Kernels()
 
   @property
-  def test_time_network(self):
-    """"student" for cmedl / ct_only / ct_pmri_concat; "teacher" (on G(CT)) for pmri_only."""
-    return "teacher" if self.cfg.method == "pmri_only" else "student"
+  def method(self) -> methods.Method:
+    return methods.get(self.cfg.method)
 
 
 def run_kernels(cfg) -> ops.Kernels:
@@ -63,13 +63,29 @@ def run_kernels(cfg) -> ops.Kernels:
   return ops.Kernels("auto", kernels.algorithm) if kernels.backend == "onednn" else kernels
 
 
+def _run_method(cfg, workdir):
+  """The method table's entry of a saved run, or a DataError naming the run when this version has no such method."""
+  try:
+    return methods.get(cfg.get("method"))
+  except ValueError as e:
+    raise DataError(workdir, f"the run was trained with a method this version does not have ({e}); evaluate it "
+                             "with the cmedl_jax version that trained it") from None
+
+
 def load_predictor(workdir, step=None, kernels: ops.Kernels | None = None) -> Predictor:
   """Restores the test-time networks of the run in ``workdir`` (latest checkpoint unless ``step``).
+
+  Only their params and batch statistics are read (the checkpoint's ``model`` item); a run saved before that item
+  existed is read from its whole train state instead.
 
   Args:
     workdir: the run folder.
     step: the checkpoint; default the latest.
     kernels: the CPU implementation of the ops; default :func:`run_kernels` of the run's config.
+
+  Raises:
+    FileNotFoundError: no checkpoint.
+    DataError: the run's method is not in this version's method table.
   """
   ckpt = checkpointing.RunCheckpointer(workdir, async_save=False)
   try:
@@ -77,37 +93,35 @@ def load_predictor(workdir, step=None, kernels: ops.Kernels | None = None) -> Pr
     if step is None:
       raise FileNotFoundError(f"{ckpt.directory}: no checkpoint found; train first (cmedl-train)")
     cfg = ml_collections.ConfigDict(ckpt.restore_config(step))
-    nets = networks.build_networks(cfg)
-    optimizers = state_lib.make_optimizers(cfg, nets)
+    _run_method(cfg, workdir)
+    nets = methods.build_networks(cfg)
     size = cfg.data.crop_size
     kernels = kernels or run_kernels(cfg)
-    with ops.use(kernels):
-      abstract = jax.eval_shape(lambda k: state_lib.create_train_state(nets, cfg, optimizers, k, (size, size, 1)),
-                                jax.random.key(0))
     replicated = NamedSharding(step_lib.make_mesh(), P())
-    state = ckpt.restore_state_only(step, checkpointing.abstract_like(abstract, replicated))
+    with ops.use(kernels):
+      if ckpt.has_model(step):
+        abstract = jax.eval_shape(lambda k: methods.test_time_variables(
+            cfg, *networks.init_variables(nets, k, (size, size, 1))), jax.random.key(0))
+        variables = ckpt.restore_model(step, checkpointing.abstract_like(abstract, replicated))
+      else:
+        log.info("%s: checkpoint %d has no test-time item (saved by an earlier version): reading its train state",
+                 workdir, step)
+        optimizers = state_lib.make_optimizers(cfg, nets)
+        abstract = jax.eval_shape(lambda k: state_lib.create_train_state(nets, cfg, optimizers, k, (size, size, 1)),
+                                  jax.random.key(0))
+        state = ckpt.restore_state_only(step, checkpointing.abstract_like(abstract, replicated))
+        variables = methods.test_time_variables(cfg, state.params, state.batch_stats)
   finally:
     ckpt.close()
-  keep = {"student", "teacher", "gen_ct2mr"}
-  variables = {"params": {k: v for k, v in state.params.items() if k in keep},
-               "batch_stats": {k: v for k, v in state.batch_stats.items() if k in keep}}
   return Predictor(cfg=cfg, nets=nets, variables=variables, step=step, kernels=kernels)
 
 
 def _make_forward(predictor: Predictor):
-  nets, method = predictor.nets, predictor.cfg.method
+  nets, predict = predictor.nets, predictor.method.predict
 
   def forward(variables, x):
     """(B, H, W, 1) normalised CT -> (B, H, W) int32 labels."""
-    params, stats = variables["params"], variables["batch_stats"]
-    if method in ("pmri_only", "ct_pmri_concat"):
-      pmri = nets.gen_ct2mr.apply({"params": params["gen_ct2mr"]}, x, train=False)
-    if method == "pmri_only":
-      logits, _, _ = nets.segment(nets.teacher, params["teacher"], stats["teacher"], pmri, train=False)
-    else:
-      inputs = jnp.concatenate([x, pmri], axis=-1) if method == "ct_pmri_concat" else x
-      logits, _, _ = nets.segment(nets.student, params["student"], stats["student"], inputs, train=False)
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jnp.argmax(predict(nets, variables, x), axis=-1).astype(jnp.int32)
 
   return jax.jit(ops.using(predictor.kernels, forward))
 

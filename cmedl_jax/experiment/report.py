@@ -22,10 +22,14 @@ import shutil
 import numpy as np
 
 from cmedl_jax.errors import DataError
+from cmedl_jax.train import methods as method_table
 
 CASE_METRICS = (("dice", "DSC", True), ("surface_dice_2mm", "sDSC@2mm", True),
                 ("surface_dice_4mm", "sDSC@4mm", True), ("hd95_mm", "HD95 (mm)", False))
-LABELS = {"cmedl": "CMEDL", "ct_only": "CT only", "pmri_only": "pMRI only", "ct_pmri_concat": "CT+pMRI"}
+def _label(method):
+  """The method table's report label (the name itself for a method this version does not know)."""
+  entry = method_table.METHODS.get(method)
+  return entry.label if entry else method
 
 
 def _read_csv(path):
@@ -133,7 +137,7 @@ def _plots(results, locations, out_dir):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   methods = list(results)
-  names = [LABELS.get(m, m) for m in methods]
+  names = [_label(m) for m in methods]
   paths = []
   fig, axes = plt.subplots(1, 3, figsize=(13, 4))
   for ax, (key, title, _) in zip(axes, (CASE_METRICS[0], CASE_METRICS[1], CASE_METRICS[3])):
@@ -192,16 +196,16 @@ def markdown(results, tests, locations, reference, settings, plot_names):
     rows, lesions = results[m]["cases"], results[m]["lesions"]
     detected = sum(r["detected"] for r in lesions)
     fps = np.mean([r["false_positive_components"] for r in rows]) if rows else math.nan
-    cells = [LABELS.get(m, m), str(len(rows))] + [_mean_sd([r[k] for r in rows]) for k, _, _ in CASE_METRICS]
+    cells = [_label(m), str(len(rows))] + [_mean_sd([r[k] for r in rows]) for k, _, _ in CASE_METRICS]
     cells += [_per_seed_sd(rows, "dice"), str(sum(1 for r in rows if math.isinf(r["hd95_mm"]))),
               f"{detected}/{len(lesions)}", f"{fps:.2f}"]
     lines.append("| " + " | ".join(cells) + " |")
-  lines += ["", f"## Paired Wilcoxon signed-rank tests: {LABELS.get(reference, reference)} vs each baseline", "",
+  lines += ["", f"## Paired Wilcoxon signed-rank tests: {_label(reference)} vs each baseline", "",
             "Two-sided, pairs = (seed, held-out case); median difference = reference minus baseline.", ""]
   header = ["baseline"] + [f"{t}: median diff, p" for _, t, _ in CASE_METRICS]
   lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for m, by_metric in tests.items():
-    cells = [LABELS.get(m, m)]
+    cells = [_label(m)]
     for key, _, _ in CASE_METRICS:
       t = by_metric[key]
       cells.append(t["error"] if "error" in t else f"{t['median_difference']:+.3f}, p = {_fmt_p(t['p_value'])} "
@@ -212,7 +216,7 @@ def markdown(results, tests, locations, reference, settings, plot_names):
               "Per-lesion DSC (mean ± SD over lesions of all seeds) and detection rate.", "",
               "| method | lung tumors: DSC | detected | mediastinal tumors: DSC | detected |", "|---|---|---|---|---|"]
     for m in methods:
-      cells = [LABELS.get(m, m)]
+      cells = [_label(m)]
       for where in ("lung", "mediastinal"):
         ls = [r for r in results[m]["lesions"] if locations.get((r["case"], r["lesion_id"])) == where]
         cells += [_mean_sd([r["dice"] for r in ls]), f"{sum(r['detected'] for r in ls)}/{len(ls)}"]

@@ -23,11 +23,12 @@ import sys
 import time
 
 from cmedl_jax import config_base
-from cmedl_jax.errors import DataError
+from cmedl_jax.errors import ConfigError, DataError
+from cmedl_jax.train import methods
 
 log = logging.getLogger(__name__)
 
-METHODS = ("cmedl", "ct_only", "pmri_only", "ct_pmri_concat")
+METHODS = tuple(methods.METHODS)
 
 
 def run_name(method, seed):
@@ -92,12 +93,12 @@ def main(argv=None):
   compilation_cache.enable_persistent_cache()
   try:
     base = config_base.load_config_file(args.config)
-  except DataError as e:
+  except (ConfigError, DataError) as e:
     print(f"ERROR {e}", file=sys.stderr)
     return 1
   runs_dir = os.path.join(args.out, "runs")
   if not args.report_only:
-    from cmedl_jax.train import trainer
+    from cmedl_jax.train import job, trainer
     todo = [(m, s) for s in seeds for m in methods]
     t_start = time.time()
     for k, (method, seed) in enumerate(todo):
@@ -110,11 +111,11 @@ def main(argv=None):
       print(f"[{k + 1}/{len(todo)}] {run_name(method, seed)}: training {cfg.train.total_steps} steps -> {workdir}",
             flush=True)
       try:
-        result = trainer.train(cfg, workdir, progress=False)
-      except (DataError, trainer.NonFiniteLossError) as e:
+        result = job.train_and_evaluate(cfg, workdir, progress=False)
+      except (ConfigError, DataError, trainer.NonFiniteLossError) as e:
         print(f"ERROR {run_name(method, seed)}: {e}", file=sys.stderr)
         return 1
-      if result.stopped_by_signal:
+      if result.train.stopped_by_signal:
         print("stopped by SIGTERM; run the same command again to go on", file=sys.stderr)
         return 1
       s = result.eval_summary["mean"]

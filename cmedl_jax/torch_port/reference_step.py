@@ -1,6 +1,6 @@
 """One CMEDL train step (CycleGAN translator) in PyTorch eager: the reference for :mod:`cmedl_jax.train.step`.
 
-The same objective and gradient routing as ``compute_losses`` for ``method="cmedl"``, ``translator="cyclegan"``,
+The same objective and gradient routing as ``cmedl_jax.train.methods.compute_losses`` for ``method="cmedl"``, ``translator="cyclegan"``,
 from ONE scalar and one ``backward()``:
 
 - generators: LSGAN adversarial terms with the discriminators' parameters detached

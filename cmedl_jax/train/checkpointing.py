@@ -1,6 +1,8 @@
-"""Orbax checkpoints of the whole run: train state, grain iterator state(s) and the resolved config.
+"""Orbax checkpoints of a run: train state, test-time networks, grain iterator state(s) and the resolved config.
 
-Layout: ``WORKDIR/checkpoints/<step>/{state,data,config}``. Restoring needs an abstract target of the state
+Layout: ``WORKDIR/checkpoints/<step>/{state,model,data,config}``. ``state`` is everything training resumes from;
+``model`` holds only the params and batch statistics of the method's test-time networks, so evaluation reads
+those alone (runs saved before ``model`` existed have ``state`` only). Restoring needs an abstract target
 (``jax.eval_shape`` of the init): without it optax states come back as plain dicts.
 """
 
@@ -19,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 class RunCheckpointer:
-  """Saves and restores {state, data iterator, config} under ``WORKDIR/checkpoints``."""
+  """Saves and restores {state, model, data iterator, config} under ``WORKDIR/checkpoints``."""
 
   def __init__(self, workdir, *, max_to_keep=3, async_save=True):
     self.directory = os.path.abspath(os.path.join(os.fspath(workdir), "checkpoints"))
@@ -27,19 +29,20 @@ class RunCheckpointer:
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                              enable_async_checkpointing=async_save),
-        item_names=("state", "data", "config"),
-        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
-                       "config": ocp.JsonCheckpointHandler()})
+        item_names=("state", "model", "data", "config"),
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "model": ocp.StandardCheckpointHandler(),
+                       "data": grain.checkpoint.CheckpointHandler(), "config": ocp.JsonCheckpointHandler()})
 
   def latest_step(self):
     return self.manager.latest_step()
 
-  def save(self, step, state, data_position, config_dict, *, force=False):
+  def save(self, step, state, model, data_position, config_dict, *, force=False):
     """Starts an (async) save of ``state`` at ``step``; the arrays are written in the background.
 
     Args:
       step: the step number (the checkpoint's name).
       state: the train state after that step.
+      model: {"params": ..., "batch_stats": ...} of the test-time networks (part of ``state``).
       data_position: the grain iterator's state (``get_state()``) right after the last batch the step consumed;
         restoring it makes the iterator yield the batch of the next step (the trainer's prefetch may be ahead).
       config_dict: the resolved config, saved as JSON beside them.
@@ -47,7 +50,7 @@ class RunCheckpointer:
     """
     saved = self.manager.save(
         int(step),
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), model=ocp.args.StandardSave(model),
                                 data=grain.checkpoint.CheckpointSave(_Position(data_position)),
                                 config=ocp.args.JsonSave(json.loads(json.dumps(config_dict, default=str)))),
         force=force)
@@ -81,11 +84,21 @@ class RunCheckpointer:
                                 data=grain.checkpoint.CheckpointRestore(data_iterator)))
     return restored["state"]
 
+  def _restore_item(self, step, item, abstract):
+    restored = self.manager.restore(int(step), args=ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract)}))
+    return restored[item]
+
   def restore_state_only(self, step, abstract_state):
-    """The state at ``step`` without touching any data iterator (evaluation)."""
-    restored = self.manager.restore(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state)))
-    return restored["state"]
+    """The state at ``step`` without touching any data iterator."""
+    return self._restore_item(step, "state", abstract_state)
+
+  def has_model(self, step):
+    """Whether the checkpoint at ``step`` holds the ``model`` item (runs saved before it existed do not)."""
+    return os.path.isdir(os.path.join(self.directory, str(int(step)), "model"))
+
+  def restore_model(self, step, abstract_model):
+    """The test-time networks' variables at ``step``, into the structure of ``abstract_model``."""
+    return self._restore_item(step, "model", abstract_model)
 
   def restore_config(self, step=None):
     step = self.latest_step() if step is None else step

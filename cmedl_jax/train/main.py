@@ -1,6 +1,7 @@
-"""``cmedl-train --config configs/FILE.py[:ARG] --workdir DIR [--config.x=y ...]``.
+"""``cmedl-train --config configs/FILE.py[:key=value,...] --workdir DIR [--config.x=y ...]``.
 
-Trains (or resumes, from DIR/checkpoints) the run described by the config file; see configs/README.md.
+Trains (or resumes, from DIR/checkpoints) the run described by the config file, then evaluates it on
+``config.eval.data_dir`` (:mod:`cmedl_jax.train.job`). The configs and their arguments: README.md, "Configs".
 Multi-process runs: ``--coordinator_address HOST:PORT --num_processes N --process_id I`` (or the CMEDL_* variables,
 or a SLURM / Cloud TPU / Kubernetes environment); see docs/multihost.md and launch/.
 """
@@ -8,12 +9,13 @@ or a SLURM / Cloud TPU / Kubernetes environment); see docs/multihost.md and laun
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from cmedl_jax.errors import DataError
+from cmedl_jax.errors import ConfigError, DataError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file with get_config(arg).",
                                           lock_config=True)
@@ -28,6 +30,41 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process runs: this
                                    "(else $CMEDL_PROCESS_ID or the cluster's).")
 
 
+def _unwrap(error):
+  """The ConfigError behind a flag-parsing error (absl wraps what the config file's get_config raised)."""
+  while error is not None and not isinstance(error, ConfigError):
+    error = error.__cause__ or error.__context__
+  return error
+
+
+def parse_flags(argv):
+  """absl's flag parsing with one-line errors for a bad config argument or an unknown ``--config.`` field."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    config_error = _unwrap(e)
+    print(f"ERROR {config_error or e}", file=sys.stderr)
+    if config_error is None:
+      print(f"Pass --helpfull to see the flags of {argv[0]}.", file=sys.stderr)
+    sys.exit(2)
+  except (ConfigError, AttributeError, KeyError) as e:
+    # AttributeError / KeyError: ml_collections' answer to an override of a field the config does not have.
+    print(f"ERROR {_describe_override_error(e, argv)}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _describe_override_error(error, argv):
+  """One line for a failed ``--config.`` override: the flag, and the field ml_collections suggests instead."""
+  if isinstance(error, ConfigError):
+    return str(error)
+  text = str(error.args[0] if error.args else error).replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
+  match = re.search(r"'(\w+)'\W+Did you mean \"(\w+)\"", text)
+  name = match.group(1) if match else text.strip("'\" ")
+  flag = next((a.split("=", 1)[0] for a in argv if a.startswith("--config.") and
+               a.split("=", 1)[0].split(".")[-1] == name), f"--config...{name}")
+  return f"{flag}: no such config field" + (f"; did you mean {match.group(2)}?" if match else "")
+
+
 def run(argv):
   del argv
   # Our progress at INFO; the libraries' (orbax, absl) chatter only from WARNING up.
@@ -37,28 +74,29 @@ def run(argv):
   # Before anything touches a JAX device: a process can join a multi-process run only then.
   from cmedl_jax import distributed  # imports JAX: after flag parsing too
   distributed.initialize_from_environment(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  # A resume or a second run with the same shapes skips the step's compilation (tens of seconds on a CPU).
+  # A resume or a second run with the same shapes skips the step's compilation.
   from cmedl_jax.utils import compilation_cache
   compilation_cache.enable_persistent_cache()
   from cmedl_jax.ops.onednn import OnednnUnavailable
-  from cmedl_jax.train import trainer  # after flag parsing: keeps --help fast
+  from cmedl_jax.train import job, trainer  # after flag parsing: keeps --help fast
+  cfg = _CONFIG.value
   try:
-    result = trainer.train(_CONFIG.value, _WORKDIR.value, progress=not _NO_PROGRESS.value)
-  except (DataError, trainer.NonFiniteLossError, OnednnUnavailable) as e:
+    result = job.train_and_evaluate(cfg, _WORKDIR.value, progress=not _NO_PROGRESS.value)
+  except (ConfigError, DataError, trainer.NonFiniteLossError, OnednnUnavailable) as e:
     print(f"ERROR {e}", file=sys.stderr)
     return 1
   if result.eval_summary is not None:
     from cmedl_jax.evaluate import scoring
-    print("evaluation: " + scoring.format_summary(result.eval_summary, _CONFIG.value.eval.tolerances_mm))
-  how = "stopped by SIGTERM" if result.stopped_by_signal else "done"
-  print(f"{how} at step {result.final_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in
-                                                         sorted(result.last_metrics.items())))
+    print("evaluation: " + scoring.format_summary(result.eval_summary, cfg.eval.tolerances_mm))
+  how = "stopped by SIGTERM" if result.train.stopped_by_signal else "done"
+  print(f"{how} at step {result.train.final_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in
+                                                               sorted(result.train.last_metrics.items())))
   return 0
 
 
 def main():
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(lambda argv: sys.exit(run(argv)))
+  app.run(lambda argv: sys.exit(run(argv)), flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -1,51 +1,93 @@
-"""The set of networks of one CMEDL run, built from the config, with the calls the train step makes."""
+"""The networks of a run: the catalogue of network roles, and the flax modules of one run with their calls.
+
+Which networks a run has comes from its method and translator (:mod:`cmedl_jax.train.methods`); this module only
+knows what each network *is*: its kind (how it is built, initialised and called), its optimizer group and, for a
+discriminator, the image pool of fakes it is trained on.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 
 from cmedl_jax.models import build, patchnce
+from cmedl_jax.models.resnet_generator import CUT_NCE_LAYERS
+
+
+@dataclasses.dataclass(frozen=True)
+class Role:
+  """What a network is.
+
+  Attributes:
+    kind: "generator" (ResNet generator), "discriminator" (PatchGAN), "patch_sampler" (CUT's PatchNCE head, on
+      the features of ``gen_ct2mr``) or "segmenter" (``model.segmenter``; returns (logits, decoder features)).
+    group: the optimizer group that updates it ("gen", "disc" or "seg"; ``config.optim[group]``).
+    pool: for a discriminator, the name of its pool of generated images (the CycleGAN history buffer).
+    from_torch: ``cmedl-convert-torch`` converts this network, so ``config.init_from`` can start it.
+  """
+
+  kind: str
+  group: str
+  pool: Optional[str] = None
+  from_torch: bool = True
+
+
+# Every network a method can use, in the order their init keys are split (adding one changes every run's init).
+ROLES: Mapping[str, Role] = {
+    "gen_ct2mr": Role("generator", "gen"),          # G: CT -> pseudo MRI
+    "gen_mr2ct": Role("generator", "gen"),          # F: MRI -> pseudo CT (CycleGAN)
+    "disc_mr": Role("discriminator", "disc", pool="mr"),
+    "disc_ct": Role("discriminator", "disc", pool="ct"),
+    "nce_head": Role("patch_sampler", "gen", from_torch=False),
+    "teacher": Role("segmenter", "seg"),            # segments pseudo MRI
+    "student": Role("segmenter", "seg"),            # segments CT; the test-time network of CMEDL
+}
+GROUPS = ("gen", "disc", "seg")
 
 
 @dataclasses.dataclass(frozen=True)
 class Networks:
-  """Flax modules of a run (None where the method does not use one) and their call conventions.
+  """The flax modules of one run and the calls the losses and the test-time forward make.
 
   Attributes:
-    gen_ct2mr, gen_mr2ct: ResNet generators (G and F); F only for CycleGAN.
-    disc_mr, disc_ct: PatchGANs on MRI and CT; disc_ct only for CycleGAN.
-    nce_head: CUT's PatchNCE MLP head (CUT only).
-    teacher, student: segmenters (``(logits, decoder features)``).
-    nce_layers, num_patches, nce_temperature: CUT settings.
-    bn_axis_name: the data axis that BatchNorm averages over.
+    modules: {network name: flax module}, in :data:`ROLES` order, only the networks of the run.
+    in_channels: {network name: input channels} (2 for a segmenter on [CT, pseudo MRI]).
+    nce_layers, num_patches, nce_temperature: CUT's PatchNCE settings (``model.nce``).
   """
 
-  gen_ct2mr: Any = None
-  gen_mr2ct: Any = None
-  disc_mr: Any = None
-  disc_ct: Any = None
-  nce_head: Any = None
-  teacher: Any = None
-  student: Any = None
-  student_in_channels: int = 1
-  nce_layers: tuple = (0, 4, 8, 12, 16)
+  modules: Mapping[str, Any]
+  in_channels: Mapping[str, int]
+  nce_layers: tuple = CUT_NCE_LAYERS
   num_patches: int = patchnce.NUM_PATCHES
   nce_temperature: float = patchnce.NCE_TEMPERATURE
 
-  # -------------------------------------------------------------- calls made by the train step
+  @property
+  def names(self) -> tuple[str, ...]:
+    return tuple(self.modules)
 
-  def generate(self, module, params, x, key):
-    return module.apply({"params": params}, x, train=True, rngs={"dropout": key})
+  def __contains__(self, name) -> bool:
+    return name in self.modules
 
-  def discriminate(self, module, params, x):
-    return module.apply({"params": params}, x, train=True)
+  def __getitem__(self, name):
+    return self.modules[name]
 
-  def segment(self, module, params, batch_stats, x, train=True):
-    """Returns (logits, {name: decoder feature map}, new batch_stats)."""
+  # -------------------------------------------------------------- calls made by the losses and at test time
+
+  def generate(self, name, params, x, key=None, train=True):
+    """(N, H, W, 1) images -> the generator's (N, H, W, 1) translation; ``key`` drives dropout."""
+    rngs = {"dropout": key} if key is not None else {}
+    return self.modules[name].apply({"params": params}, x, train=train, rngs=rngs)
+
+  def discriminate(self, name, params, x):
+    """(N, H, W, 1) images -> PatchGAN logits."""
+    return self.modules[name].apply({"params": params}, x, train=True)
+
+  def segment(self, name, params, batch_stats, x, train=True):
+    """(N, H, W, C) images -> (logits (N, H, W, classes), {name: decoder feature map}, new batch_stats)."""
+    module = self.modules[name]
     if train:
       (logits, features), updates = module.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
                                                  mutable=["batch_stats"])
@@ -55,44 +97,41 @@ class Networks:
 
   def hint_names(self, configured=()):
     """The distillation feature names: ``configured`` if given, else the segmenter's last two decoder maps."""
-    module = self.student if self.student is not None else self.teacher
-    return tuple(configured) if configured else tuple(module.hint_feature_names())
+    segmenter = next(m for n, m in self.modules.items() if ROLES[n].kind == "segmenter")
+    return tuple(configured) if configured else tuple(segmenter.hint_feature_names())
 
   def patch_nce(self, g_params, head_params, source, translated, key):
     """CUT's NCE loss between ``source`` and its translation (same patch locations for both)."""
-    feats_k = self.gen_ct2mr.apply({"params": g_params}, source, nce_layers=self.nce_layers, encode_only=True)
-    feats_q = self.gen_ct2mr.apply({"params": g_params}, translated, nce_layers=self.nce_layers,
-                                   encode_only=True)
+    generator = self.modules["gen_ct2mr"]
+    feats_k = generator.apply({"params": g_params}, source, nce_layers=self.nce_layers, encode_only=True)
+    feats_q = generator.apply({"params": g_params}, translated, nce_layers=self.nce_layers, encode_only=True)
     patch_ids = patchnce.sample_patch_ids(key, [f.shape for f in feats_k], self.num_patches)
-    proj_k = self.nce_head.apply({"params": head_params}, feats_k, patch_ids)
-    proj_q = self.nce_head.apply({"params": head_params}, feats_q, patch_ids)
+    proj_k = self.modules["nce_head"].apply({"params": head_params}, feats_k, patch_ids)
+    proj_q = self.modules["nce_head"].apply({"params": head_params}, feats_q, patch_ids)
     return patchnce.multilayer_patch_nce_loss(proj_q, proj_k, source.shape[0], self.nce_temperature)
 
 
-def build_networks(cfg, bn_axis_name: Optional[str] = "data") -> Networks:
-  """Instantiates the networks ``cfg.method`` / ``cfg.translator`` need."""
-  m = cfg.model
-  uses_translator = cfg.method != "ct_only"
-  cyclegan = uses_translator and cfg.translator == "cyclegan"
-  cut = uses_translator and cfg.translator == "cut"
-  if uses_translator and cfg.translator not in ("cyclegan", "cut"):
-    raise ValueError(f"unknown translator {cfg.translator!r}; expected 'cyclegan' or 'cut'")
-  if cfg.method not in ("cmedl", "ct_only", "pmri_only", "ct_pmri_concat"):
-    raise ValueError(f"unknown method {cfg.method!r}; expected cmedl, ct_only, pmri_only or ct_pmri_concat")
-  gen = lambda: build.build_generator(**m.generator)  # noqa: E731
-  disc = lambda: build.build_discriminator(**m.discriminator)  # noqa: E731
-  seg = lambda: build.build_segmenter(m.segmenter, num_classes=m.num_classes,  # noqa: E731
-                                      bn_axis_name=bn_axis_name, **dict(m.segmenter_kwargs))
-  return Networks(
-      gen_ct2mr=gen() if uses_translator else None,
-      gen_mr2ct=gen() if cyclegan else None,
-      disc_mr=disc() if uses_translator else None,
-      disc_ct=disc() if cyclegan else None,
-      nce_head=build.build_patch_sampler(features=m.nce.mlp_features) if cut else None,
-      teacher=seg() if cfg.method in ("cmedl", "pmri_only") else None,
-      student=seg() if cfg.method != "pmri_only" else None,
-      student_in_channels=2 if cfg.method == "ct_pmri_concat" else 1,
-      nce_layers=tuple(m.nce.layers), num_patches=int(m.nce.num_patches), nce_temperature=float(m.nce.temperature))
+def build_modules(model_cfg, in_channels: Mapping[str, int], bn_axis_name: Optional[str] = "data") -> Networks:
+  """The modules of the networks named in ``in_channels`` ({name: input channels}) from ``config.model``.
+
+  Use :func:`cmedl_jax.train.methods.build_networks` for a run's config: it knows which networks the run has.
+  """
+  unknown = sorted(set(in_channels) - set(ROLES))
+  if unknown:
+    raise ValueError(f"unknown networks {unknown}; known: {list(ROLES)}")
+  m = model_cfg
+  make = {
+      "generator": lambda: build.build_generator(**m.generator),
+      "discriminator": lambda: build.build_discriminator(**m.discriminator),
+      "patch_sampler": lambda: build.build_patch_sampler(features=m.nce.mlp_features),
+      "segmenter": lambda: build.build_segmenter(m.segmenter, num_classes=m.num_classes, bn_axis_name=bn_axis_name,
+                                                 **dict(m.segmenter_kwargs)),
+  }
+  ordered = [name for name in ROLES if name in in_channels]
+  return Networks(modules={name: make[ROLES[name].kind]() for name in ordered},
+                  in_channels={name: int(in_channels[name]) for name in ordered},
+                  nce_layers=tuple(m.nce.layers), num_patches=int(m.nce.num_patches),
+                  nce_temperature=float(m.nce.temperature))
 
 
 def init_variables(nets: Networks, key, image_shape):
@@ -101,30 +140,30 @@ def init_variables(nets: Networks, key, image_shape):
   Meant to run under ``jax.jit`` (eager linen init is slow on CPU).
   """
   h, w, _ = image_shape
-  x1 = jnp.zeros((1, h, w, 1), jnp.float32)
   params, stats = {}, {}
-  keys = dict(zip(["gen_ct2mr", "gen_mr2ct", "disc_mr", "disc_ct", "nce_head", "teacher", "student"],
-                  jax.random.split(key, 7)))
-  for name in ("gen_ct2mr", "gen_mr2ct"):
-    module = getattr(nets, name)
-    if module is not None:
-      params[name] = module.init({"params": keys[name], "dropout": keys[name]}, x1)["params"]
-  for name in ("disc_mr", "disc_ct"):
-    module = getattr(nets, name)
-    if module is not None:
-      params[name] = module.init(keys[name], x1)["params"]
-  if nets.nce_head is not None:
-    feats = nets.gen_ct2mr.apply({"params": params["gen_ct2mr"]}, x1, nce_layers=nets.nce_layers,
-                                 encode_only=True)
-    ids = patchnce.sample_patch_ids(keys["nce_head"], [f.shape for f in feats], nets.num_patches)
-    params["nce_head"] = nets.nce_head.init(keys["nce_head"], feats, ids)["params"]
-  for name, channels in (("teacher", 1), ("student", nets.student_in_channels)):
-    module = getattr(nets, name)
-    if module is None:
-      continue
-    x = jnp.zeros((1, h, w, channels), jnp.float32)
-    variables = module.init(keys[name], x, train=False)
-    params[name] = variables["params"]
-    stats[name] = variables.get("batch_stats", {})
+  keys = dict(zip(ROLES, jax.random.split(key, len(ROLES))))
+  for name, module in nets.modules.items():
+    k = keys[name]
+    x = jnp.zeros((1, h, w, nets.in_channels[name]), jnp.float32)
+    kind = ROLES[name].kind
+    if kind == "generator":
+      params[name] = module.init({"params": k, "dropout": k}, x)["params"]
+    elif kind == "discriminator":
+      params[name] = module.init(k, x)["params"]
+    elif kind == "patch_sampler":  # sized by the generator's features (gen_ct2mr comes first in ROLES)
+      feats = nets["gen_ct2mr"].apply({"params": params["gen_ct2mr"]}, x, nce_layers=nets.nce_layers,
+                                      encode_only=True)
+      ids = patchnce.sample_patch_ids(k, [f.shape for f in feats], nets.num_patches)
+      params[name] = module.init(k, feats, ids)["params"]
+    else:
+      variables = module.init(k, x, train=False)
+      params[name] = variables["params"]
+      stats[name] = variables.get("batch_stats", {})
   return params, stats
 
+
+def abstract_variables(nets: Networks, name, image_shape):
+  """The flax variables of network ``name`` for (1, H, W, its input channels) inputs, as ShapeDtypeStructs."""
+  h, w, _ = image_shape
+  kwargs = {"train": False} if ROLES[name].kind == "segmenter" else {}
+  return build.abstract_variables(nets[name], (1, h, w, nets.in_channels[name]), **kwargs)

@@ -9,10 +9,9 @@ import jax
 import jax.numpy as jnp
 
 from cmedl_jax.train import image_pool, optim
-from cmedl_jax.train.networks import Networks, init_variables
+from cmedl_jax.train.networks import GROUPS, ROLES, Networks, init_variables
 
 AXIS = "data"
-GROUPS = ("gen", "disc", "seg")
 
 
 @flax.struct.dataclass
@@ -36,31 +35,17 @@ class TrainState:
   rng: Any
 
 
-def param_group(name):
-  """Which optimizer group a network belongs to."""
-  if name in ("gen_ct2mr", "gen_mr2ct", "nce_head"):
-    return "gen"
-  if name in ("disc_mr", "disc_ct"):
-    return "disc"
-  return "seg"
-
-
 def split_groups(tree):
+  """{network name: x} -> {optimizer group: {network name: x}} for the groups that have networks."""
   out = {g: {} for g in GROUPS}
   for name, value in tree.items():
-    out[param_group(name)][name] = value
+    out[ROLES[name].group][name] = value
   return {g: v for g, v in out.items() if v}
-
-
-def network_names(nets: Networks):
-  """Names of the networks the run uses (the keys of ``params``)."""
-  names = ("gen_ct2mr", "gen_mr2ct", "disc_mr", "disc_ct", "nce_head", "teacher", "student")
-  return [n for n in names if getattr(nets, n) is not None]
 
 
 def make_optimizers(cfg, nets: Networks):
   """One optax optimizer per parameter group in use (gen, disc, seg), from ``cfg.optim[group]``."""
-  groups = [g for g in GROUPS if any(param_group(n) == g for n in network_names(nets))]
+  groups = [g for g in GROUPS if any(ROLES[n].group == g for n in nets.names)]
   return {group: optim.make_optimizer(cfg.optim[group], cfg.train.total_steps) for group in groups}
 
 
@@ -92,10 +77,7 @@ def state_from_variables(nets: Networks, cfg, optimizers, params, batch_stats, r
   """Step 0 from given network variables: fresh optimizer states for them, empty image pools."""
   grouped = split_groups(params)
   opt_state = {group: opt.init(grouped[group]) for group, opt in optimizers.items()}
-  pools = {}
-  if nets.disc_mr is not None:
-    pools["mr"] = image_pool.init_pool(cfg.pool_size, image_shape)
-  if nets.disc_ct is not None:
-    pools["ct"] = image_pool.init_pool(cfg.pool_size, image_shape)
+  pools = {ROLES[name].pool: image_pool.init_pool(cfg.pool_size, image_shape) for name in nets.names
+           if ROLES[name].pool}
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats, opt_state=opt_state,
                     pools=pools, rng=rng)

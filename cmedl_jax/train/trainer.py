@@ -32,9 +32,10 @@ import time
 import jax
 import numpy as np
 
-from cmedl_jax import distributed, ops
+from cmedl_jax import config_validation, distributed, ops
 from cmedl_jax.data import pipeline
-from cmedl_jax.train import checkpointing, device_feed, networks, state as state_lib, step as step_lib
+from cmedl_jax.train import checkpointing, device_feed, init_from as init_from_lib, methods
+from cmedl_jax.train import state as state_lib, step as step_lib
 from cmedl_jax.utils import png
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,6 @@ class TrainResult:
   last_metrics: dict
   history: list
   stopped_by_signal: bool = False
-  eval_summary: dict = None
 
 
 class _SigtermFlag:
@@ -166,30 +166,6 @@ def write_preview(path, batch, images, max_rows=4):
   return png.write_png(path, png.tile(tiles, columns=len(tiles) // n))
 
 
-def ensure_data(cfg):
-  """Generates phantoms when asked to and the data folders are missing; returns (ct_dir, mri_dir)."""
-  d = cfg.data
-  ct_dir, mri_dir = d.ct_dir, d.mri_dir
-  if d.make_phantoms and not (ct_dir and os.path.isdir(ct_dir) and mri_dir and os.path.isdir(mri_dir)):
-    from cmedl_jax.data import phantoms
-    out = d.phantoms.out or os.path.join(os.path.dirname(os.path.abspath(ct_dir or ".")), "phantoms")
-    ct_dir, mri_dir = os.path.join(out, "CT"), os.path.join(out, "MRI")
-    if not (os.path.isdir(ct_dir) and os.path.isdir(mri_dir)):
-      log.info("generating phantoms into %s", out)
-      phantoms.write_phantom_dataset(out, num_ct=d.phantoms.num_ct, num_mri=d.phantoms.num_mri,
-                                     seed=d.phantoms.seed, shape=(d.phantoms.size, d.phantoms.size,
-                                                                  d.phantoms.slices))
-    test_dir = os.path.join(out, "test")
-    if d.phantoms.get("num_test", 0) and not os.path.isdir(os.path.join(test_dir, "CT")):
-      # Held-out cases: another seed gives other anatomies (case k is a function of (seed, k)).
-      log.info("generating %d held-out test phantoms into %s", d.phantoms.num_test, test_dir)
-      phantoms.write_phantom_dataset(test_dir, num_ct=d.phantoms.num_test, num_mri=0, seed=d.phantoms.seed + 1,
-                                     shape=(d.phantoms.size, d.phantoms.size, d.phantoms.slices))
-  if not ct_dir or not mri_dir:
-    raise ValueError("set config.data.ct_dir and config.data.mri_dir (or config.data.make_phantoms=True)")
-  return ct_dir, mri_dir
-
-
 def _to_host(tree, backend):
   tree = jax.device_get(tree)
   return step_lib.unreplicate(tree) if backend == "pmap" else tree
@@ -212,42 +188,34 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
   """Trains (or resumes) the run of ``cfg`` in ``workdir``.
 
   Args:
-    cfg: a config from ``configs/*.py`` (see :mod:`cmedl_jax.config_base`).
+    cfg: a config from ``configs/*.py`` (see :mod:`cmedl_jax.config_base`) whose ``data.ct_dir`` and
+      ``data.mri_dir`` exist (:func:`cmedl_jax.train.job.train_and_evaluate` generates phantoms first).
     workdir: checkpoints, metrics.csv, TensorBoard logs, previews and config.json go here.
     progress: show a progress bar.
     max_steps: stop after this many steps in this call (for tests of interruption); default run to
       ``cfg.train.total_steps``.
 
   Raises:
+    cmedl_jax.errors.ConfigError: a config field has an unusable value (before anything is read or written).
     cmedl_jax.errors.DataError: an unusable dataset file or folder, or an ``init_from`` folder that is not a
       converted network of this run (the message names the folder).
     NonFiniteLossError: a loss or gradient became NaN/Inf (nothing is saved from that step on).
     cmedl_jax.ops.onednn.OnednnUnavailable: ``conv_backend="onednn"`` where the library cannot be built.
   """
+  config_validation.validate(cfg, num_devices=jax.device_count())
+  d = cfg.data
   os.makedirs(workdir, exist_ok=True)
   kernels = ops.from_config(cfg)
   cpu_form = ops.cpu_form(kernels)  # a missing library fails now, before the data is read
   is_main = jax.process_index() == 0
   backend = cfg.train.backend
+  nets = methods.build_networks(cfg)
   init_from = {name: folder for name, folder in cfg.init_from.items() if folder}
-  if init_from:
-    # A wrong weights folder fails now, not after the data and the model are set up.
-    from cmedl_jax.torch_port import bridge  # no torch import; only needed for converted weights
-    for name, folder in init_from.items():
-      bridge.check_converted_folder(f"init_from.{name}", folder)
-  # ======================================================================== data
-  # [multi-process] Process 0 writes any phantoms before the others look, so no two processes write the same
-  # files; a process on a filesystem of its own then writes its own (identical) copy. (Barriers are no-ops for a
-  # single process.)
+  init_from_lib.check_folders(init_from, nets)  # a wrong weights folder fails now, before the data is read
   multi_process = jax.process_count() > 1
-  if not is_main:
-    distributed.barrier("cmedl_data_ready")
-  ct_dir, mri_dir = ensure_data(cfg)
-  if is_main:
-    distributed.barrier("cmedl_data_ready")
-  d = cfg.data
-  ct = pipeline.load_store(ct_dir, modality="CT", require_labels=True, ct_window=tuple(d.ct_window))
-  mri = pipeline.load_store(mri_dir, modality="MRI", mri_percentiles=tuple(d.mri_percentiles))
+  # ======================================================================== data
+  ct = pipeline.load_store(d.ct_dir, modality="CT", require_labels=True, ct_window=tuple(d.ct_window))
+  mri = pipeline.load_store(d.mri_dir, modality="MRI", mri_percentiles=tuple(d.mri_percentiles))
   dataset = pipeline.make_train_dataset(ct, mri, global_batch_size=d.global_batch_size, crop_size=d.crop_size,
                                         seed=d.seed, foreground_fraction=d.foreground_fraction)
   data_iter = pipeline.make_train_iterator(dataset, num_workers=d.num_workers)
@@ -257,10 +225,6 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
 
   # ======================================================================== model and state
   mesh = step_lib.make_mesh()
-  n_dev = mesh.devices.size
-  if d.global_batch_size % n_dev:
-    raise ValueError(f"data.global_batch_size={d.global_batch_size} must be divisible by the {n_dev} devices")
-  nets = networks.build_networks(cfg)
   optimizers = state_lib.make_optimizers(cfg, nets)
   image_shape = (d.crop_size, d.crop_size, 1)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -285,7 +249,7 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
     state = state_lib.run_once(init_fn, jax.random.key(cfg.seed))
     if init_from:
       with ops.use(kernels):  # the converted variables are checked against the networks' shapes (a trace)
-        converted = bridge.with_converted_weights(state, init_from, nets, cfg, optimizers, image_shape)
+        converted = init_from_lib.with_converted_weights(state, init_from, nets, cfg, optimizers, image_shape)
       state = jax.device_put(converted, replicated)
       log.info("started from converted weights: %s", ", ".join(f"{k} from {v}" for k, v in init_from.items()))
     log.info("initialised in %.1f s", time.time() - t0)
@@ -313,7 +277,8 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
     # taken without a multi-device computation) is put back on `replicated`.
     saved_state = state if backend != "pmap" else distributed.as_replicated(
         jax.tree.map(lambda x: x.addressable_data(0)[0], state), replicated)
-    ckpt.save(step_number, saved_state, data_position, config_dict, force=force)
+    model = methods.test_time_variables(cfg, saved_state.params, saved_state.batch_stats)
+    ckpt.save(step_number, saved_state, model, data_position, config_dict, force=force)
 
   # ======================================================================== training loop
   start_step = int(_to_host(state.step, backend))
@@ -380,20 +345,4 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
       bar.close()
     ckpt.close()
     writer.close()
-  eval_summary = None
-  evaluate = cfg.eval.get("data_dir") and step_number == total_steps and not stopped
-  if evaluate and multi_process:
-    # [multi-process] Evaluation restores the checkpoint alone on process 0, where orbax would wait for the
-    # other processes: it is a single-process job.
-    if is_main:
-      log.warning("multi-process run: evaluate it with a single process: cmedl-evaluate --workdir %s --data %s",
-                  workdir, cfg.eval.data_dir)
-  elif evaluate and is_main:
-    # ======================================================================== evaluation of the finished run
-    from cmedl_jax.evaluate import cli as evaluate_cli
-    out_dir, eval_summary = evaluate_cli.evaluate_run(
-        workdir, cfg.eval.data_dir, progress=log.info, tolerances_mm=tuple(cfg.eval.tolerances_mm),
-        convention=cfg.eval.hd95_convention)
-    log.info("evaluation written to %s", out_dir)
-  return TrainResult(final_step=step_number, last_metrics=last_metrics, history=history, stopped_by_signal=stopped,
-                     eval_summary=eval_summary)
+  return TrainResult(final_step=step_number, last_metrics=last_metrics, history=history, stopped_by_signal=stopped)

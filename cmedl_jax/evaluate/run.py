@@ -1,0 +1,69 @@
+"""Evaluation of a trained run on a labelled dataset: predictions as NIfTI, per-case and per-lesion metrics.
+
+The library function behind ``cmedl-evaluate`` and the evaluation at the end of ``cmedl-train``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from cmedl_jax import ops
+from cmedl_jax.data import dataset_index, nifti_io
+from cmedl_jax.evaluate import inference, scoring
+
+
+def evaluate_run(workdir, data_dir, out_dir=None, *, step=None, batch_size=None, inplane_spacing_mm=None,
+                 kernels: ops.Kernels | None = None, progress=print, **metric_kwargs):
+  """Predicts every case of ``data_dir`` with the run's test-time forward, writes NIfTIs and scores them.
+
+  Args:
+    workdir: the run folder.
+    data_dir: a labelled CT dataset folder.
+    out_dir: where results go (default WORKDIR/eval/<data folder name>).
+    step: the checkpoint (default the latest).
+    batch_size: slices per inference batch (default the run's ``eval.batch_size``).
+    inplane_spacing_mm: segment each scan resampled in-plane to this pixel size (the predictions and metrics
+      stay on the scan's own grid); None segments at the scan's resolution.
+    kernels: the CPU implementation of the ops (default: the run's, :func:`inference.run_kernels`).
+    progress: called with one line per case (None: silent).
+    **metric_kwargs: :func:`cmedl_jax.evaluate.scoring.score_case` options (tolerances_mm, convention, ...).
+
+  Returns:
+    (out_dir, summary dict as written to summary.json).
+  """
+  index = dataset_index.load_dataset(data_dir, require_labels=True)
+  predictor = inference.load_predictor(workdir, step, kernels)
+  out_dir = out_dir or inference.default_output_dir(workdir, data_dir)
+  pred_dir = os.path.join(out_dir, "predictions")
+  segmenter = inference.VolumeSegmenter(predictor, batch_size)
+  allowed = set(index.labels.values())
+  case_rows, lesion_rows, fp_rows, files = [], [], [], {}
+  t0 = time.time()
+  for i, case in enumerate(index.cases):
+    image, label = nifti_io.load_case(case.image, case.label, allowed_labels=allowed)
+    if inplane_spacing_mm:
+      prediction = inference.segment_at_inplane_spacing(segmenter, image.data, image.spacing, inplane_spacing_mm)
+    else:
+      prediction = segmenter(image.data)
+    pred_path = nifti_io.save_like(os.path.join(pred_dir, f"{case.case_id}.nii.gz"), prediction, image)
+    row, lesions, fps = scoring.score_case(case.case_id, prediction > 0, label.data > 0, image.spacing,
+                                           **metric_kwargs)
+    case_rows.append(row)
+    lesion_rows += lesions
+    fp_rows += fps
+    files[case.case_id] = (pred_path, case.label)
+    if progress:
+      progress(f"[{i + 1}/{len(index.cases)}] {case.case_id}: DSC {row['dice']:.3f}, HD95 {row['hd95_mm']:.2f} mm, "
+               f"lesions {row['lesions_detected']}/{row['lesions']} detected, "
+               f"{row['false_positive_components']} false-positive component(s)")
+  settings = {"workdir": os.path.abspath(workdir), "checkpoint_step": predictor.step,
+              "method": predictor.cfg.method, "test_time_networks": list(predictor.method.test_time_networks),
+              "data": os.path.abspath(data_dir), "inplane_spacing_mm": inplane_spacing_mm,
+              "tolerances_mm": list(metric_kwargs.get("tolerances_mm", ())),
+              "hd95_convention": metric_kwargs.get("convention", "deepmind"),
+              "empty_policy": metric_kwargs.get("empty_policy", "inf"),
+              "lesion_connectivity": metric_kwargs.get("connectivity") or "full",
+              "seconds": round(time.time() - t0, 2)}
+  summary = scoring.write_results(out_dir, case_rows, lesion_rows, fp_rows, files=files, settings=settings)
+  return out_dir, summary

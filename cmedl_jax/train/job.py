@@ -1,0 +1,94 @@
+"""A training job as ``cmedl-train`` runs it: the data (phantoms when asked for), the trainer's loop, and the
+evaluation of the finished run on ``config.eval.data_dir``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Optional
+
+import jax
+
+from cmedl_jax import config_validation, distributed
+from cmedl_jax.evaluate import run as evaluate_run_lib
+from cmedl_jax.train import trainer
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class JobResult:
+  """The trainer's result, the evaluation folder and summary (None when the run was not evaluated)."""
+
+  train: trainer.TrainResult
+  eval_dir: Optional[str] = None
+  eval_summary: Optional[dict] = None
+
+
+def ensure_phantoms(data_cfg):
+  """Generates the phantoms of ``config.data.phantoms`` when ``data.make_phantoms`` is set and a folder is missing.
+
+  Returns:
+    (CT folder, MRI folder): ``data.ct_dir`` / ``data.mri_dir``, or the generated ``<out>/CT`` / ``<out>/MRI``
+    where those are unset or missing.
+  """
+  d = data_cfg
+  ct_dir, mri_dir = d.ct_dir, d.mri_dir
+  if not d.make_phantoms or (ct_dir and os.path.isdir(ct_dir) and mri_dir and os.path.isdir(mri_dir)):
+    return ct_dir, mri_dir
+  from cmedl_jax.data import phantoms
+  out = d.phantoms.out or os.path.join(os.path.dirname(os.path.abspath(ct_dir or ".")), "phantoms")
+  shape = (d.phantoms.size, d.phantoms.size, d.phantoms.slices)
+  ct_dir, mri_dir = os.path.join(out, "CT"), os.path.join(out, "MRI")
+  if not (os.path.isdir(ct_dir) and os.path.isdir(mri_dir)):
+    log.info("generating phantoms into %s", out)
+    phantoms.write_phantom_dataset(out, num_ct=d.phantoms.num_ct, num_mri=d.phantoms.num_mri, seed=d.phantoms.seed,
+                                   shape=shape)
+  test_dir = os.path.join(out, "test")
+  if d.phantoms.num_test and not os.path.isdir(os.path.join(test_dir, "CT")):
+    # Held-out cases: another seed gives other anatomies (case k is a function of (seed, k)).
+    log.info("generating %d held-out test phantoms into %s", d.phantoms.num_test, test_dir)
+    phantoms.write_phantom_dataset(test_dir, num_ct=d.phantoms.num_test, num_mri=0, seed=d.phantoms.seed + 1,
+                                   shape=shape)
+  return ct_dir, mri_dir
+
+
+def train_and_evaluate(cfg, workdir, *, progress=True) -> JobResult:
+  """Validates ``cfg``, prepares the data, trains (or resumes) and evaluates the finished run.
+
+  Raises:
+    cmedl_jax.errors.ConfigError, cmedl_jax.errors.DataError, trainer.NonFiniteLossError: see
+      :func:`cmedl_jax.train.trainer.train`.
+  """
+  config_validation.validate(cfg, num_devices=jax.device_count())
+  # [multi-process] Process 0 writes any phantoms before the others look, so no two processes write the same
+  # files; a process on a filesystem of its own then writes its own (identical) copy. (Barriers are no-ops for a
+  # single process.)
+  is_main = jax.process_index() == 0
+  if not is_main:
+    distributed.barrier("cmedl_data_ready")
+  ct_dir, mri_dir = ensure_phantoms(cfg.data)
+  if is_main:
+    distributed.barrier("cmedl_data_ready")
+  if (ct_dir, mri_dir) != (cfg.data.ct_dir, cfg.data.mri_dir):
+    cfg = cfg.copy_and_resolve_references()
+    with cfg.unlocked():
+      cfg.data.ct_dir, cfg.data.mri_dir = ct_dir, mri_dir
+  result = trainer.train(cfg, workdir, progress=progress)
+  finished = result.final_step == int(cfg.train.total_steps) and not result.stopped_by_signal
+  if not (cfg.eval.data_dir and finished):
+    return JobResult(result)
+  if jax.process_count() > 1:
+    # [multi-process] Evaluation restores the checkpoint alone on process 0, where orbax would wait for the other
+    # processes: it is a single-process job.
+    if is_main:
+      log.warning("multi-process run: evaluate it with a single process: cmedl-evaluate --workdir %s --data %s",
+                  workdir, cfg.eval.data_dir)
+    return JobResult(result)
+  out_dir, summary = evaluate_run_lib.evaluate_run(
+      workdir, cfg.eval.data_dir, progress=log.info, tolerances_mm=tuple(cfg.eval.tolerances_mm),
+      convention=cfg.eval.hd95_convention)
+  log.info("evaluation written to %s", out_dir)
+  return JobResult(result, out_dir, summary)
