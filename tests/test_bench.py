@@ -49,3 +49,24 @@ def test_metrics_benchmark_runs_small(capsys):
   assert "ratio jitted/reference" in output
   values = [line[line.index(" dice "):line.index(" mm")] for line in output.splitlines() if " dice " in line]
   assert len(values) == 4 and len(set(values)) == 1, output  # all four print the same metric values
+
+
+def test_data_benchmark_runs_small(tmp_path, capsys):
+  from cmedl_jax.bench import data_bench
+  report = tmp_path / "data.json"
+  argv = ["--cases", "2", "--size", "48", "--slices", "6", "--mri-cases", "2", "--crop", "32", "--batch", "4",
+          "--batches", "3", "--workers", "0,2", "--work-dir", str(tmp_path / "work"), "--no-progress",
+          "--json", str(report)]
+  assert data_bench.main(argv) == 0
+  output = capsys.readouterr().out
+  for store in ("mmap", "in-RAM"):
+    for workers in (0, 2):
+      assert f"{store:6s}   2 cases, {workers} workers:" in output, output
+  import json
+  run = json.loads(report.read_text())["runs"]["2"]
+  rows = run["throughput"]
+  assert len(rows) == 4 and all(r["examples"] == 3 * 4 for r in rows)
+  # the same stream from both stores: the in-RAM store's first batch is bitwise the memory-mapped one's
+  assert all(r["same_first_batch"] for r in rows if r["store"] == "in-RAM")
+  assert max(r["child_processes"] for r in rows if r["workers"] == 2) >= 2  # the grain workers were sampled
+  assert not (tmp_path / "work").exists()  # the generated volumes and caches are deleted

@@ -2,6 +2,7 @@
 
 Subcommands:
   convs     where the JAX step's time goes on CPU: the oneDNN convolutions per geometry (ms, GFLOP/s, share)
+  data      the memory-mapped training data at real size vs an in-RAM store: starts, examples/s, memory
   metrics   jitted surface metrics vs the DeepMind surface-distance library on a 512x512x100 volume
   step      the full CMEDL train step, JAX (jit) vs PyTorch eager (and torch.compile with --compile)
 """
@@ -11,7 +12,8 @@ import sys
 
 def main(argv=None):
   argv = list(sys.argv[1:] if argv is None else argv)
-  commands = {"convs": "cmedl_jax.bench.conv_profile", "metrics": "cmedl_jax.bench.metrics_bench",
+  commands = {"convs": "cmedl_jax.bench.conv_profile", "data": "cmedl_jax.bench.data_bench",
+              "metrics": "cmedl_jax.bench.metrics_bench",
               "step": "cmedl_jax.bench.step_bench"}
   if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
     print(__doc__)
