@@ -14,9 +14,11 @@ import jax
 import jax.numpy as jnp
 
 from cmedl_jax import config_base, ops
+from cmedl_jax.data import resample
 from cmedl_jax.errors import ConfigError
 from cmedl_jax.metrics import CONVENTIONS
 from cmedl_jax.models.build import SEGMENTERS
+from cmedl_jax.train.validation import BEST_METRICS
 from cmedl_jax.train import methods
 from cmedl_jax.train.networks import ROLES
 
@@ -95,6 +97,29 @@ def check_values(cfg, num_devices=None):
   _increasing_pair("data.ct_window", d.ct_window)
   _increasing_pair("data.mri_percentiles", d.mri_percentiles, minimum=0, maximum=100)
   _number("data.num_workers", d.num_workers, minimum=0, integer=True)
+  _number("data.val_cases", d.val_cases, minimum=0, integer=True)
+  if d.val_cases and cfg.eval.val_dir:
+    raise ConfigError("data.val_cases", f"{d.val_cases} with eval.val_dir={cfg.eval.val_dir!r}: validate on one of "
+                                        "them (set data.val_cases=0 or eval.val_dir=)")
+  try:
+    resample.target_inplane(d.target_spacing_mm)
+  except (TypeError, ValueError):
+    raise ConfigError("data.target_spacing_mm", f"{d.target_spacing_mm!r}: give the in-plane pixel size as one or "
+                                                "two positive numbers of mm, or () for each scan's own") from None
+  _choice("data.image_interpolation", d.image_interpolation, tuple(resample.IMAGE_ORDERS))
+  _choice("data.label_interpolation", d.label_interpolation, resample.LABEL_INTERPOLATIONS)
+  a = d.augment
+  for field in ("flip_prob", "rotate_prob", "scale_prob"):
+    _number(f"data.augment.{field}", a[field], minimum=0, maximum=1)
+  _number("data.augment.rotate_max_deg", a.rotate_max_deg, minimum=0, maximum=180)
+  _increasing_pair("data.augment.scale_range", a.scale_range, minimum=0.1)
+  for modality in ("ct", "mri"):
+    section = a[modality]
+    for kind in ("brightness", "contrast", "gamma", "noise"):
+      _number(f"data.augment.{modality}.{kind}_prob", section[f"{kind}_prob"], minimum=0, maximum=1)
+    for kind in ("brightness", "contrast", "gamma"):
+      _increasing_pair(f"data.augment.{modality}.{kind}_range", section[f"{kind}_range"], minimum=0.01)
+    _number(f"data.augment.{modality}.noise_std_max", section.noise_std_max, minimum=0)
   if d.make_phantoms:
     for field in ("num_ct", "num_mri", "size", "slices"):
       _number(f"data.phantoms.{field}", d.phantoms[field], minimum=1, integer=True)
@@ -123,7 +148,7 @@ def check_values(cfg, num_devices=None):
   _choice("train.backend", t.backend, ("shard_map", "pmap"))
   for field in ("log_every", "checkpoint_every", "keep_checkpoints"):
     _number(f"train.{field}", t[field], minimum=1, integer=True)
-  for field in ("preview_every", "prefetch_to_device"):
+  for field in ("preview_every", "prefetch_to_device", "val_every"):
     _number(f"train.{field}", t[field], minimum=0, integer=True)
   e = cfg.eval
   _number("eval.batch_size", e.batch_size, minimum=1, integer=True)
@@ -132,6 +157,7 @@ def check_values(cfg, num_devices=None):
   for tolerance in e.tolerances_mm:
     _number("eval.tolerances_mm", tolerance, above=0)
   _choice("eval.hd95_convention", e.hd95_convention, CONVENTIONS)
+  _choice("eval.best_metric", e.best_metric, BEST_METRICS)
 
 
 def check_networks(cfg):

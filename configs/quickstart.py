@@ -3,8 +3,9 @@
 Launch (argument: translator=cyclegan|cut, default cyclegan):
   cmedl-train --config configs/quickstart.py --workdir runs/quickstart
 
-Expected: the student scores about DSC 0.4-0.5 on the 4 held-out phantoms (runs/quickstart/eval/CT); a second
-run on the same machine and thread count logs bitwise the same values (docs/RESULTS.md has longer runs).
+Expected: the student scores about DSC 0.4-0.5 on the 4 held-out phantoms (runs/quickstart/eval/CT-<hash>/
+step_600); a second run on the same machine and thread count logs bitwise the same values (docs/RESULTS.md has
+longer runs). Crops are augmented (the base config's set) and the phantoms keep their own pixel size.
 Runtime: ~3 minutes on 2 CPU cores (8 CT + 8 MRI phantoms generated into runs/phantoms, 600 steps at 64 px).
 lambda_hint is 0.1, not the design's 1: in a run this short the teacher is still poor when the hint pulls.
 """

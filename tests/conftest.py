@@ -1,4 +1,4 @@
-"""Test-wide settings: 8 virtual CPU devices and a persistent compilation cache.
+"""Test-wide settings: 8 virtual CPU devices, a persistent compilation cache, a preprocessing cache per session.
 
 Both must be set before JAX is first imported, so they live here at module level.
 """
@@ -14,6 +14,10 @@ _cache_dir = os.environ.get(
     "CMEDL_TEST_COMPILATION_CACHE", str(pathlib.Path.home() / ".cache" / "cmedl_jax_test_xla"))
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _cache_dir)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# Preprocessed datasets of the tests (and their subprocesses) go to a folder of this session, not ~/.cache.
+if "CMEDL_CACHE_DIR" not in os.environ:
+  import tempfile
+  os.environ["CMEDL_CACHE_DIR"] = tempfile.mkdtemp(prefix="cmedl_test_preprocessed_")
 
 
 import pytest  # noqa: E402  (after the environment set-up above)

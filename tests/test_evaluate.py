@@ -150,28 +150,33 @@ def test_evaluate_run_writes_predictions_on_the_input_grid(trained_run, phantom_
 
 def test_inplane_resampling_segments_at_the_target_pixel_size_and_returns_the_input_grid():
   seen = []
+  window = (-1000.0, 500.0)
+  threshold = preprocess.normalize_ct(np.float32(0.0), window)
 
-  def threshold_segmenter(ct_hu):  # stands in for the network: tumor = voxels above 0 HU
-    seen.append(ct_hu.shape)
-    return (ct_hu > 0).astype(np.uint8)
+  def threshold_probabilities(slices):  # stands in for the network: tumor = voxels above 0 HU
+    seen.append(slices.shape)
+    tumor = (slices > threshold).astype(np.float32)
+    return np.stack([1 - tumor, tumor], axis=-1)
+
+  def labels(ct, spacing, target):
+    probs = inference.probabilities_on_scan_grid(threshold_probabilities, ct, spacing, target, window)
+    return np.argmax(probs, axis=-1)
 
   # A 40 x 40 mm square of 100 HU in a 200 x 100 mm field sampled at 0.5 x 1.0 mm, segmented at 2 mm pixels.
   x = np.arange(400)[:, None, None] * 0.5 + 0.25
   y = np.arange(100)[None, :, None] * 1.0 + 0.5
   inside = (np.abs(x - 100) < 20) & (np.abs(y - 50) < 20) & np.ones((1, 1, 3), bool)
   ct = np.where(inside, 100.0, -1000.0).astype(np.float32)
-  labels = inference.segment_at_inplane_spacing(threshold_segmenter, ct, (0.5, 1.0, 5.0), 2.0)
-  assert seen == [(100, 50, 3)]  # 200 mm / 2 mm, 100 mm / 2 mm; slices untouched
-  assert labels.shape == ct.shape and labels.dtype == np.uint8
+  out = labels(ct, (0.5, 1.0, 5.0), (2.0, 2.0))
+  assert seen == [(3, 100, 50)]  # 200 mm / 2 mm, 100 mm / 2 mm; slices untouched
+  assert out.shape == ct.shape
   # Back on the input grid the square is exact up to the 2 mm pixels at its edges.
-  assert np.mean(labels[inside]) == 1.0
-  assert abs(labels.sum() - inside.sum()) <= 2 * (80 + 40) * 3  # at most a 2 mm rim, all slices
-  # The scan's own pixel size: the segmenter sees the scan itself.
-  same = inference.segment_at_inplane_spacing(threshold_segmenter, ct[:, :50], (1.0, 1.0, 5.0), 1.0)
-  assert seen[-1] == (400, 50, 3)
-  np.testing.assert_array_equal(same, (ct[:, :50] > 0).astype(np.uint8))
-  with pytest.raises(ValueError, match="positive"):
-    inference.segment_at_inplane_spacing(threshold_segmenter, ct, (0.5, 1.0, 5.0), 0)
+  assert np.mean(out[inside]) > 0.97
+  assert abs(out.sum() - inside.sum()) <= 2 * (80 + 40) * 3  # at most a 2 mm rim, all slices
+  # The scan's own pixel size (or none given): the network sees the scan itself.
+  np.testing.assert_array_equal(labels(ct[:, :50], (1.0, 1.0, 5.0), (1.0, 1.0)), ct[:, :50] > 0)
+  assert seen[-1] == (3, 400, 50)
+  np.testing.assert_array_equal(labels(ct, None, None), ct > 0)
 
 
 def test_evaluate_run_with_inplane_spacing_keeps_the_input_grid(trained_run, phantom_dirs, tmp_path):
@@ -181,7 +186,7 @@ def test_evaluate_run_with_inplane_spacing_keeps_the_input_grid(trained_run, pha
   for case in dataset_index.load_dataset(phantom_dirs[0]).cases:
     written = nib.load(os.path.join(out_dir, "predictions", f"{case.case_id}.nii.gz"))
     assert written.shape == nib.load(case.image).shape
-  assert json.load(open(os.path.join(out_dir, "summary.json")))["settings"]["inplane_spacing_mm"] == 3.0
+  assert json.load(open(os.path.join(out_dir, "summary.json")))["settings"]["inplane_spacing_mm"] == [3.0, 3.0]
 
 
 # ---------------------------------------------------------------- scoring folders of predictions
@@ -270,3 +275,82 @@ def test_paired_wilcoxon_matches_scipy(tmp_path, capsys):
   assert cli.main_compare([str(tmp_path / "A.csv"), str(tmp_path / "B.csv")]) == 0
   assert "Wilcoxon signed-rank p=" in capsys.readouterr().out
   assert cli.main_compare([str(tmp_path / "A.csv"), str(tmp_path / "B.csv"), "--metric", "hd95"]) == 1
+
+
+# ---------------------------------------------------------------- output folders, the run's target spacing, predict
+
+
+def test_results_are_never_replaced_without_overwrite(trained_run, phantom_dirs, tmp_path):
+  import shutil
+  workdir, _ = trained_run
+  # Another data folder of the same name gets its own default folder; evaluating it again needs overwrite.
+  other = tmp_path / "elsewhere" / os.path.basename(phantom_dirs[0])
+  shutil.copytree(phantom_dirs[0], other)
+  out_a = evaluate_run.default_output_dir(workdir, phantom_dirs[0], 4)
+  out_b = evaluate_run.default_output_dir(workdir, other, 4)
+  assert out_a != out_b and os.path.basename(out_b) == "step_4"
+  evaluate_run.evaluate_run(str(workdir), str(other), progress=None, tolerances_mm=(2.0,))
+  first = open(os.path.join(out_b, "cases.csv")).read()
+  with pytest.raises(DataError, match="--overwrite"):
+    evaluate_run.evaluate_run(str(workdir), str(other), progress=None, tolerances_mm=(2.0,))
+  evaluate_run.evaluate_run(str(workdir), str(other), progress=None, tolerances_mm=(2.0,), overwrite=True)
+  assert open(os.path.join(out_b, "cases.csv")).read() == first
+
+
+def test_evaluation_segments_at_the_runs_target_spacing(trained_run, phantom_dirs, tmp_path):
+  """A run trained at 1.6 mm pixels: evaluation resamples in and back by itself, like --inplane-spacing 1.6."""
+  import shutil
+  workdir, _ = trained_run
+  run = tmp_path / "run_at_1.6mm"
+  shutil.copytree(workdir / "checkpoints", run / "checkpoints")
+  config_path = next(run.glob("checkpoints/4/config/*"))
+  config = json.load(open(config_path))
+  config["data"]["target_spacing_mm"] = [1.6, 1.6]
+  json.dump(config, open(config_path, "w"))
+  auto, _ = evaluate_run.evaluate_run(str(run), phantom_dirs[0], str(tmp_path / "auto"), progress=None,
+                                      tolerances_mm=(2.0,))
+  given, _ = evaluate_run.evaluate_run(str(workdir), phantom_dirs[0], str(tmp_path / "given"), progress=None,
+                                       inplane_spacing_mm=1.6, tolerances_mm=(2.0,))
+  assert json.load(open(os.path.join(auto, "summary.json")))["settings"]["inplane_spacing_mm"] == [1.6, 1.6]
+  for case in dataset_index.load_dataset(phantom_dirs[0]).cases:
+    a = nib.load(os.path.join(auto, "predictions", f"{case.case_id}.nii.gz"))
+    b = nib.load(os.path.join(given, "predictions", f"{case.case_id}.nii.gz"))
+    assert a.shape == nib.load(case.image).shape
+    np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
+
+
+def test_predict_writes_labels_and_probabilities_on_each_input_grid(trained_run, phantom_dirs, tmp_path):
+  from cmedl_jax.evaluate import predict
+  workdir, _ = trained_run
+  index = dataset_index.load_dataset(phantom_dirs[0])
+  single = index.cases[0].image
+  out = tmp_path / "pred"
+  written = predict.predict(str(workdir), [phantom_dirs[0]], str(out), probabilities=True, progress=False)
+  assert sorted(written) == [c.case_id for c in index.cases]
+  evaluated, _ = evaluate_run.evaluate_run(str(workdir), phantom_dirs[0], str(tmp_path / "eval"), progress=None,
+                                           tolerances_mm=(2.0,))
+  for case in index.cases:
+    labels = nib.load(written[case.case_id])
+    source = nib.load(case.image)
+    assert labels.shape == source.shape
+    np.testing.assert_allclose(labels.affine, source.affine, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(labels.dataobj), np.asarray(
+        nib.load(os.path.join(evaluated, "predictions", f"{case.case_id}.nii.gz")).dataobj))
+    probs = np.asarray(nib.load(out / f"{case.case_id}_probabilities.nii.gz").dataobj)
+    assert probs.shape == source.shape + (2,)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(np.argmax(probs, -1), np.asarray(labels.dataobj))
+  with pytest.raises(DataError, match="--overwrite"):
+    predict.predict(str(workdir), [single], str(out), progress=False)
+  assert predict.main(["--workdir", str(workdir), "--input", single, "--out", str(out)]) == 1
+  with pytest.raises(DataError, match="does not exist"):
+    predict.predict(str(workdir), [str(tmp_path / "missing.nii.gz")], str(tmp_path / "x"), progress=False)
+
+
+def test_mirror_tta_averages_the_four_mirrored_predictions(predictor):
+  rng = np.random.default_rng(0)
+  ct = rng.uniform(-1000, 400, (40, 36, 3)).astype(np.float32)
+  plain = inference.VolumeSegmenter(predictor, batch_size=4)
+  tta = inference.VolumeSegmenter(predictor, batch_size=4, mirror_tta=True)
+  expected = np.mean([plain.probabilities(ct[::a, ::b])[::a, ::b] for a in (1, -1) for b in (1, -1)], axis=0)
+  np.testing.assert_allclose(tta.probabilities(ct), expected, atol=1e-5)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cmedl_jax.data import dataset_index, nifti_io, pipeline, preprocess
+from cmedl_jax.data import augment, dataset_index, nifti_io, pipeline, preprocess, store
 
 # ---------------------------------------------------------------- normalisation and crops
 
@@ -77,7 +77,7 @@ def _volume(rng, shape, tumor):
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
-  """3 labelled CT volumes (tumor on one slice each) and 2 MRI volumes, written as NIfTI and read back."""
+  """3 labelled CT volumes (tumor on one slice each) and 2 MRI volumes, written as NIfTI and preprocessed."""
   root = tmp_path_factory.mktemp("data")
   rng = np.random.default_rng(0)
   affine = np.diag([-0.8, -0.8, 2.5, 1.0])  # LPS-like: reoriented on load
@@ -89,17 +89,25 @@ def stores(tmp_path_factory):
   dataset_index.write_dataset_json(root / "CT", ct_ids, modality="CT")
   for case in ["mr0", "mr1"]:
     nifti_io.save_nifti(root / "MRI" / f"{case}.nii.gz", rng.gamma(2, 100, size=(30, 30, 5)), affine)
-  return pipeline.load_store(root / "CT", require_labels=True), pipeline.load_store(root / "MRI", modality="MRI")
+  cache = tmp_path_factory.mktemp("cache")
+  ct = store.prepare(root / "CT", store.PreprocessSettings("CT"), cache_dir=cache, labels="required", progress=False)
+  mri = store.prepare(root / "MRI", store.PreprocessSettings("MRI"), cache_dir=cache, labels="ignore",
+                      progress=False)
+  return ct, mri
 
 
 def test_stores_hold_normalised_slices(stores):
   ct, mri = stores
-  assert len(ct.images) == 3 and ct.images[0].shape == (6, 40, 36) and ct.images[0].dtype == np.float32
-  assert -1.0 <= ct.images[0].min() and ct.images[0].max() <= 1.0
-  assert mri.labels is None and mri.modality == "MRI" and mri.images[0].min() == -1.0
+  assert len(ct) == 3 and ct.image(0).shape == (6, 40, 36) and ct.image(0).dtype == np.float32
+  assert -1.0 <= ct.image(0).min() and ct.image(0).max() <= 1.0
+  assert not mri.labelled and mri.modality == "MRI" and mri.image(0).min() == -1.0
   np.testing.assert_allclose(ct.spacings[0], (0.8, 0.8, 2.5), rtol=1e-6)
-  # One tumor slice per CT volume.
-  assert ct.foreground_table().tolist() == [[0, 1], [1, 2], [2, 3]]
+  # One tumor slice per CT volume, at the written voxels (12 of them; the stored locations are all of them).
+  assert ct.foreground_classes == (1,) and ct.cases_with_class(1).tolist() == [0, 1, 2]
+  for c in range(3):
+    locations = ct.locations(c, 1)
+    assert len(locations) == 12 and set(locations[:, 0].tolist()) == {c + 1}
+    assert np.all(np.asarray(ct.label(c))[tuple(locations.T)] == 1)
 
 
 def _take(dataset, n):
@@ -127,12 +135,12 @@ def test_crops_are_taken_from_the_recorded_slices(stores):
                                    process_count=1)
   batch = ds[1]
   for i in range(8):
-    src = ct.images[batch["ct_case"][i]][batch["ct_slice"][i]]
+    src = ct.image(batch["ct_case"][i])[batch["ct_slice"][i]]
     crop = batch["ct"][i, ..., 0]
     found = any(np.array_equal(src[r:r + 24, c:c + 24], crop)
                 for r in range(src.shape[0] - 23) for c in range(src.shape[1] - 23))
     assert found, f"example {i} is not a crop of its recorded CT slice"
-    label_src = ct.labels[batch["ct_case"][i]][batch["ct_slice"][i]]
+    label_src = ct.label(batch["ct_case"][i])[batch["ct_slice"][i]]
     assert batch["ct_label"][i].sum() <= label_src.sum()
 
 
@@ -206,7 +214,7 @@ def test_iterator_state_restores_the_stream(stores):
 def test_worker_processes_do_not_change_the_stream(stores):
   ct, mri = stores
   ds = pipeline.make_train_dataset(ct, mri, global_batch_size=4, crop_size=16, seed=5, process_index=0,
-                                   process_count=1, num_batches=6)
+                                   process_count=1, num_batches=6, augment=augment.Augment())
   in_process = list(pipeline.make_train_iterator(ds))
   with_workers = list(pipeline.make_train_iterator(ds, num_workers=2))
   assert len(in_process) == len(with_workers) == 6
@@ -219,3 +227,18 @@ def test_unlabelled_ct_is_refused(stores):
   _, mri = stores
   with pytest.raises(ValueError, match="has no labels"):
     pipeline.UnpairedExampleMaker(mri, mri, seed=0, crop_size=16)
+
+
+def test_augmentation_changes_crops_not_the_drawn_slices(stores):
+  ct, mri = stores
+  kwargs = dict(seed=4, crop_size=24, foreground_fraction=0.5)
+  plain = pipeline.UnpairedExampleMaker(ct, mri, **kwargs)
+  augmented = pipeline.UnpairedExampleMaker(ct, mri, augment=augment.Augment(), **kwargs)
+  changed = 0
+  for g in range(40):
+    a, b = plain(g), augmented(g)
+    for key in ("ct_case", "ct_slice", "mri_case", "mri_slice"):
+      assert a[key] == b[key]
+    changed += not np.array_equal(a["ct"], b["ct"])
+    assert -1.0 <= b["ct"].min() and b["ct"].max() <= 1.0 and set(np.unique(b["ct_label"])) <= {0, 1}
+  assert changed > 20  # flips alone change 3 of 4 crops

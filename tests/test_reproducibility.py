@@ -1,9 +1,10 @@
 """The reproducibility contract, with real ``cmedl-train`` processes and real SIGKILLs.
 
-The default configuration (configs/quickstart.py networks, the default CPU kernels) with every step logged, two
-grain worker processes and batches prefetched to the device: two runs give the same metrics.csv, value by value;
-a run killed with SIGKILL between checkpoints, or while an asynchronous checkpoint is being written, and restarted
-with the same command logs, after the restart, exactly what the uninterrupted run logged.
+The default configuration (configs/quickstart.py networks, the default CPU kernels, the preprocessed store and
+augmentation) with every step logged, two grain worker processes, batches prefetched to the device and validation
+on a case split off the CT set: two runs give the same metrics.csv and validation.csv, value by value, and keep the
+same best checkpoint; a run killed with SIGKILL between checkpoints, or while an asynchronous checkpoint is being
+written, and restarted with the same command logs, after the restart, exactly what the uninterrupted run logged.
 """
 
 import csv
@@ -18,6 +19,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_STEPS = 10
 CHECKPOINT_EVERY = 4
+VAL_EVERY = 3
 # Logged values that measure the machine, not the run.
 TIMING_COLUMNS = ("steps_per_second",)
 
@@ -39,7 +41,8 @@ def _command(phantom_dirs, workdir, program=("-m", "cmedl_jax.train.main")):
           "--config.eval.data_dir=", "--config.data.crop_size=32", "--config.data.num_workers=2",
           f"--config.train.total_steps={TOTAL_STEPS}", "--config.train.log_every=1",
           f"--config.train.checkpoint_every={CHECKPOINT_EVERY}", "--config.train.preview_every=0",
-          "--config.train.prefetch_to_device=2", "--config.train.async_checkpoint=True"]
+          "--config.train.prefetch_to_device=2", "--config.train.async_checkpoint=True",
+          "--config.data.val_cases=1", f"--config.train.val_every={VAL_EVERY}"]
 
 
 def _start(command, env=None):
@@ -68,19 +71,30 @@ def _run(command, env=None, expect=0):
   return result
 
 
-def _rows(workdir):
-  """{step: {column: text}} of metrics.csv, the timing columns left out; every step logged once."""
-  with open(os.path.join(workdir, "metrics.csv"), newline="") as f:
+def _csv_rows(path):
+  """{step: {column: text}} of a CSV log, the timing columns left out; every step logged once."""
+  with open(path, newline="") as f:
     rows = list(csv.DictReader(f))
   steps = [int(r["step"]) for r in rows]
-  assert steps == sorted(set(steps)), f"steps logged out of order or twice: {steps}"
+  assert steps == sorted(set(steps)), f"steps logged out of order or twice in {path}: {steps}"
   return {int(r["step"]): {k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in rows}
 
 
+def _rows(workdir):
+  """What a run logged and kept: metrics.csv, validation.csv and the best checkpoint's step."""
+  return {"metrics": _csv_rows(os.path.join(workdir, "metrics.csv")),
+          "validation": _csv_rows(os.path.join(workdir, "validation.csv")),
+          "best": sorted(os.listdir(os.path.join(workdir, "best")))}
+
+
 def _assert_same(got, expected):
-  assert sorted(got) == sorted(expected) == list(range(1, TOTAL_STEPS + 1))
-  for step in expected:
-    assert got[step] == expected[step], f"step {step} differs"
+  assert sorted(got["metrics"]) == sorted(expected["metrics"]) == list(range(1, TOTAL_STEPS + 1))
+  for step in expected["metrics"]:
+    assert got["metrics"][step] == expected["metrics"][step], f"step {step} differs"
+  val_steps = [s for s in range(1, TOTAL_STEPS + 1) if s % VAL_EVERY == 0 or s == TOTAL_STEPS]
+  assert sorted(got["validation"]) == sorted(expected["validation"]) == val_steps
+  assert got["validation"] == expected["validation"]
+  assert got["best"] == expected["best"] and len(got["best"]) == 1
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +107,8 @@ def uninterrupted(phantom_dirs, tmp_path_factory):
 def test_two_runs_with_the_same_seed_log_the_same_values(phantom_dirs, uninterrupted, tmp_path):
   _run(_command(phantom_dirs, tmp_path))
   rows = _rows(tmp_path)
-  assert float(rows[1]["total"]) > 0 and rows[1]["g_adv_ct2mr"] != rows[TOTAL_STEPS]["g_adv_ct2mr"]
+  metrics = rows["metrics"]
+  assert float(metrics[1]["total"]) > 0 and metrics[1]["g_adv_ct2mr"] != metrics[TOTAL_STEPS]["g_adv_ct2mr"]
   _assert_same(rows, uninterrupted)
 
 

@@ -1,6 +1,7 @@
 """End-to-end training on tiny phantoms: outputs, kill-and-resume, SIGTERM, non-finite stop."""
 
 import csv
+import hashlib
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from cmedl_jax.errors import ConfigError
+from cmedl_jax.evaluate import run as evaluate_run
 from cmedl_jax.train import methods
 from cmedl_jax.train import step as step_lib
 from cmedl_jax.train import trainer
@@ -44,14 +46,17 @@ def test_run_writes_metrics_checkpoints_previews_and_config(uninterrupted):
   saved = json.load(open(workdir / "config.json"))
   assert saved["method"] == "cmedl" and saved["train"]["total_steps"] == 4
   assert any(name.startswith("events") for name in os.listdir(workdir / "tensorboard"))
-  ct_folder = os.path.basename(os.path.normpath(result_config_data_dir(workdir)))
-  assert os.path.exists(workdir / "eval" / ct_folder / "summary.json")
+  assert os.path.exists(os.path.join(evaluate_run.default_output_dir(workdir, result_config_data_dir(workdir), 4),
+                                    "summary.json"))
 
 
 def test_the_finished_job_is_evaluated_on_eval_data_dir(trained_run):
   workdir, job_result = trained_run
   assert job_result.eval_summary["num_cases"] == 3
-  assert job_result.eval_dir == os.path.join(str(workdir), "eval", os.path.basename(result_config_data_dir(workdir)))
+  data_dir = result_config_data_dir(workdir)
+  assert job_result.eval_dir == os.path.join(str(workdir), "eval", os.path.basename(data_dir) + "-" +
+                                             hashlib.sha256(os.path.realpath(data_dir).encode()).hexdigest()[:8],
+                                             "step_4")
   # The checkpoint holds the test-time networks as their own item (test_evaluate reads it).
   assert {"config", "data", "model", "state"} <= set(os.listdir(workdir / "checkpoints" / "4"))
 

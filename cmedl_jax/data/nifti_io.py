@@ -192,7 +192,10 @@ def load_case(image_path, label_path=None, *, allowed_labels=None):
 
 
 def save_nifti(path, data, affine, *, header=None, dtype=None):
-  """Writes a NIfTI file (creates parent folders). Both qform and sform are set to ``affine`` (code 1, scanner)."""
+  """Writes a NIfTI file (creates parent folders). Both qform and sform are set to ``affine`` (code 1, scanner).
+
+  The file is written under a temporary name and renamed: a reader (or a kill) never sees half a file.
+  """
   path = os.fspath(path)
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   data = np.asarray(data if dtype is None else np.asarray(data).astype(dtype))
@@ -204,7 +207,11 @@ def save_nifti(path, data, affine, *, header=None, dtype=None):
   if header is not None:
     # A copied header may carry the input's scaling; predictions are stored unscaled.
     img.header.set_slope_inter(1.0, 0.0)
-  nib.save(img, path)
+  name = os.path.basename(path)
+  ending = next((e for e in (".nii.gz", ".nii") if name.endswith(e)), "")
+  tmp = os.path.join(os.path.dirname(path) or ".", f".{name[:len(name) - len(ending)]}.{os.getpid()}.tmp{ending}")
+  nib.save(img, tmp)
+  os.replace(tmp, path)
   return path
 
 
@@ -218,10 +225,11 @@ def to_original_orientation(data, reference: Volume):
 
 
 def save_like(path, data, reference: Volume, *, dtype=np.uint8):
-  """Writes ``data`` (on ``reference``'s canonical grid, e.g. a predicted mask) with the reference file's affine
-  and header, in the reference file's voxel order: the prediction overlays the input in any viewer."""
+  """Writes ``data`` (on ``reference``'s canonical grid, e.g. a predicted mask, or (X, Y, Z, K) probabilities)
+  with the reference file's affine and header, in the reference file's voxel order: the prediction overlays the
+  input in any viewer."""
   data = np.asarray(data)
-  if data.shape != reference.shape:
+  if data.shape[:3] != reference.shape:
     raise ValueError(f"prediction shape {data.shape} differs from the reference volume {reference.shape} "
                      f"({reference.path})")
   if reference.original_affine is None:

@@ -11,9 +11,11 @@ independent random choice): the unpaired setting of CMEDL. Example ``g`` of the 
   single process;
 - checkpointable: the iterator's state is the number of local batches consumed (``get_state``/``set_state``).
 
-Foreground oversampling (nnU-Net style): with probability ``foreground_fraction`` the CT crop is centred
-(at a random offset) on a random tumor voxel of a random slice that contains tumor; otherwise the slice and crop
-are uniform.
+Cases are read from the preprocessed, memory-mapped stores of :mod:`cmedl_jax.data.store` (a pickled example
+maker is only their metadata, so worker processes share the page cache). Foreground oversampling (nnU-Net style):
+with probability ``foreground_fraction`` the CT crop contains (at a random position) a stored location of a
+foreground class; otherwise the slice and crop are uniform. Augmentation (:mod:`cmedl_jax.data.augment`) follows,
+from generators ``[seed, g, 1]`` (CT) and ``[seed, g, 2]`` (MRI).
 
 Batches are dicts of numpy arrays::
 
@@ -25,17 +27,14 @@ Batches are dicts of numpy arrays::
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import threading
 import time
-from typing import Optional
-
 import grain
 import numpy as np
 
-from cmedl_jax.data import dataset_index, nifti_io, preprocess
+from cmedl_jax.data import augment as augment_lib, preprocess, store
 
 log = logging.getLogger(__name__)
 
@@ -43,108 +42,69 @@ log = logging.getLogger(__name__)
 ENDLESS = 2 ** 40
 
 
-@dataclasses.dataclass
-class SliceStore:
-  """Normalised volumes of one dataset, held as axial slice stacks.
+def training_stores(data_cfg, *, progress=True):
+  """The preprocessed CT (labelled) and MRI (images only) stores of a config's ``data`` section.
 
-  Attributes:
-    modality: "CT" or the MRI channel name.
-    case_ids: (N,) case ids in index order.
-    images: list of (Z, X, Y) float32 arrays in [-1, 1].
-    labels: list of (Z, X, Y) int16 arrays, or None for unlabelled sets.
-    spacings: list of (3,) voxel sizes in mm (X, Y, Z).
+  Preprocesses on first use (:func:`cmedl_jax.data.store.prepare`, with a progress bar); later starts read the
+  manifests and stat the source files only.
   """
-
-  modality: str
-  case_ids: list
-  images: list
-  labels: Optional[list]
-  spacings: list
-
-  @property
-  def slice_table(self):
-    """(M, 2) int32 array of (case index, slice index) for every axial slice."""
-    return np.array([(c, z) for c, img in enumerate(self.images) for z in range(img.shape[0])], dtype=np.int32)
-
-  def foreground_table(self, foreground_label=1):
-    """(K, 2) int32 (case, slice) pairs of slices that contain ``foreground_label`` (labels >= it count too)."""
-    if self.labels is None:
-      return np.zeros((0, 2), np.int32)
-    rows = [(c, z) for c, lab in enumerate(self.labels)
-            for z in np.flatnonzero((lab >= foreground_label).any(axis=(1, 2)))]
-    return np.array(rows, dtype=np.int32).reshape(-1, 2)
-
-
-def load_store(root, *, modality=None, require_labels=False, ct_window=preprocess.CT_WINDOW_HU,
-               mri_percentiles=preprocess.MRI_PERCENTILES, log_every=10) -> SliceStore:
-  """Reads, validates and normalises every case of a dataset folder.
-
-  Args:
-    root: dataset folder (see :mod:`cmedl_jax.data.dataset_index`).
-    modality: "CT" or an MRI name; defaults to the dataset.json channel name (CT when it says so).
-    require_labels: every case must be labelled (the CT training set).
-    ct_window, mri_percentiles: normalisation settings, see :mod:`cmedl_jax.data.preprocess`.
-    log_every: progress message period in cases.
-
-  Raises:
-    DataError: from indexing or reading (see :mod:`cmedl_jax.data.nifti_io`).
-  """
-  index = dataset_index.load_dataset(root, require_labels=require_labels)
-  modality = modality or index.modality or "CT"
-  allowed = set(index.labels.values())
-  images, labels, spacings = [], [], []
-  for i, case in enumerate(index.cases):
-    use_label = require_labels or (case.label is not None and index.labelled)
-    image, label = nifti_io.load_case(case.image, case.label if use_label else None, allowed_labels=allowed)
-    images.append(preprocess.axial_slices(preprocess.normalize(image.data, modality, ct_window=ct_window,
-                                                               mri_percentiles=mri_percentiles)))
-    if label is not None:
-      labels.append(preprocess.axial_slices(label.data))
-    spacings.append(image.spacing)
-    if log_every and ((i + 1) % log_every == 0 or i + 1 == len(index.cases)):
-      log.info("loaded %d/%d %s volumes from %s", i + 1, len(index.cases), modality, root)
-  return SliceStore(modality=modality, case_ids=[c.case_id for c in index.cases], images=images,
-                    labels=labels if labels and len(labels) == len(images) else None, spacings=spacings)
+  cache_dir = data_cfg.cache_dir or None
+  ct = store.prepare(data_cfg.ct_dir, store.settings_from_config(data_cfg, "CT"), cache_dir=cache_dir,
+                     labels="required", progress=progress)
+  mri = store.prepare(data_cfg.mri_dir, store.settings_from_config(data_cfg, "MRI"), cache_dir=cache_dir,
+                      labels="ignore", progress=progress)
+  return ct, mri
 
 
 class UnpairedExampleMaker:
-  """Maps a global example index to one unpaired {ct, ct_label, mri} example (picklable for grain workers)."""
+  """Maps a global example index to one unpaired {ct, ct_label, mri} example (picklable for grain workers).
 
-  def __init__(self, ct: SliceStore, mri: SliceStore, *, seed, crop_size, foreground_fraction=0.33,
-               foreground_label=1):
-    if ct.labels is None:
-      raise ValueError(f"the CT set ({len(ct.images)} cases) has no labels; CMEDL trains on labelled CT")
+  Foreground oversampling over K classes (nnU-Net's): a foreground class is drawn uniformly among those present
+  in the store, then a case containing it, then one of its stored voxel locations (the store's class
+  locations); the crop contains that voxel at a random position. Otherwise the slice is uniform over all slices.
+  """
+
+  def __init__(self, ct: store.PreprocessedStore, mri: store.PreprocessedStore, *, seed, crop_size,
+               foreground_fraction=0.33, augment: augment_lib.Augment = augment_lib.Augment(enabled=False)):
+    if not ct.labelled:
+      raise ValueError(f"the CT set ({ct.folder}) has no labels; CMEDL trains on labelled CT")
     self.ct, self.mri = ct, mri
     self.seed, self.crop_size = int(seed), int(crop_size)
     self.foreground_fraction = float(foreground_fraction)
-    self.foreground_label = int(foreground_label)
-    self.ct_slices = ct.slice_table
-    self.ct_foreground = ct.foreground_table(foreground_label)
-    self.mri_slices = mri.slice_table
+    self.augment = augment
+    self.foreground_classes = ct.foreground_classes
     if not 0.0 <= self.foreground_fraction <= 1.0:
       raise ValueError(f"foreground_fraction must lie in [0, 1], got {foreground_fraction}")
-    if self.foreground_fraction > 0 and len(self.ct_foreground) == 0:
-      log.warning("no CT slice contains label %d: foreground oversampling is disabled", foreground_label)
+    if self.foreground_fraction > 0 and not self.foreground_classes:
+      log.warning("no CT case contains a foreground label: foreground oversampling is disabled")
 
   def __call__(self, global_index):
     rng = np.random.default_rng([self.seed, int(global_index)])
-    use_foreground = len(self.ct_foreground) > 0 and rng.random() < self.foreground_fraction
-    table = self.ct_foreground if use_foreground else self.ct_slices
-    ct_case, ct_z = table[rng.integers(len(table))]
-    ct_image = self.ct.images[ct_case][ct_z]
-    ct_label = self.ct.labels[ct_case][ct_z]
+    use_foreground = bool(self.foreground_classes) and rng.random() < self.foreground_fraction
     center = None
     if use_foreground:
-      fg_pixels = np.argwhere(ct_label >= self.foreground_label)
-      center = fg_pixels[rng.integers(len(fg_pixels))]
+      value = self.foreground_classes[rng.integers(len(self.foreground_classes))]
+      cases = self.ct.cases_with_class(value)
+      ct_case = int(cases[rng.integers(len(cases))])
+      locations = self.ct.locations(ct_case, value)
+      ct_z, *center = (int(v) for v in locations[rng.integers(len(locations))])
+    else:
+      ct_case, ct_z = self.ct.slice_at(rng.integers(self.ct.num_slices))
+    ct_image = self.ct.image(ct_case)[ct_z]
+    ct_label = self.ct.label(ct_case)[ct_z]
     origin = preprocess.random_crop_origin(rng, ct_image.shape, self.crop_size, center)
-    mri_case, mri_z = self.mri_slices[rng.integers(len(self.mri_slices))]
-    mri_image = self.mri.images[mri_case][mri_z]
+    mri_case, mri_z = self.mri.slice_at(rng.integers(self.mri.num_slices))
+    mri_image = self.mri.image(mri_case)[mri_z]
     mri_origin = preprocess.random_crop_origin(rng, mri_image.shape, self.crop_size)
+    # Augmentation draws from generators of its own: switching it on or off leaves the slices and crops drawn.
+    ct_rng, mri_rng = (np.random.default_rng([self.seed, int(global_index), k]) for k in (1, 2))
+    aug = self.augment
+    ct_crop, ct_label_crop = augment_lib.sample_crop(ct_rng, aug, ct_image, ct_label, origin, self.crop_size, -1.0)
+    mri_crop, _ = augment_lib.sample_crop(mri_rng, aug, mri_image, None, mri_origin, self.crop_size, -1.0)
     return {
-        "ct": preprocess.crop_2d(ct_image, origin, self.crop_size, -1.0)[..., None],
-        "ct_label": preprocess.crop_2d(ct_label, origin, self.crop_size, 0).astype(np.int32),
-        "mri": preprocess.crop_2d(mri_image, mri_origin, self.crop_size, -1.0)[..., None],
+        "ct": augment_lib.intensity(ct_rng, aug.ct, ct_crop, aug.enabled)[..., None],
+        "ct_label": ct_label_crop.astype(np.int32),
+        "mri": augment_lib.intensity(mri_rng, aug.mri, mri_crop, aug.enabled)[..., None],
         "ct_case": np.int32(ct_case),
         "ct_slice": np.int32(ct_z),
         "mri_case": np.int32(mri_case),
@@ -164,17 +124,18 @@ class _LocalToGlobalIndex:
     return (batch * self.process_count + self.process_index) * self.local_batch_size + row
 
 
-def make_train_dataset(ct: SliceStore, mri: SliceStore, *, global_batch_size, crop_size, seed=0,
-                       foreground_fraction=0.33, process_index=None, process_count=None,
-                       num_batches=None) -> grain.MapDataset:
+def make_train_dataset(ct: store.PreprocessedStore, mri: store.PreprocessedStore, *, global_batch_size, crop_size,
+                       seed=0, foreground_fraction=0.33, augment: augment_lib.Augment = augment_lib.Augment(enabled=False),
+                       process_index=None, process_count=None, num_batches=None) -> grain.MapDataset:
   """The per-process batched MapDataset of unpaired training examples.
 
   Args:
-    ct, mri: stores from :func:`load_store` (the CT one labelled).
+    ct, mri: preprocessed stores (:func:`training_stores`; the CT one labelled).
     global_batch_size: examples per step over all processes; must divide by ``process_count``.
     crop_size: side of the square crops in pixels (the paper uses 256).
     seed: the data seed; the stream is a function of it alone.
-    foreground_fraction: probability of a tumor-centred CT crop.
+    foreground_fraction: probability of a foreground-centred CT crop.
+    augment: the augmentation (:mod:`cmedl_jax.data.augment`); default none.
     process_index, process_count: this process's shard; default ``jax.process_index()/process_count()``.
     num_batches: length in batches; default endless.
 
@@ -188,7 +149,8 @@ def make_train_dataset(ct: SliceStore, mri: SliceStore, *, global_batch_size, cr
   if global_batch_size % process_count:
     raise ValueError(f"global batch size {global_batch_size} does not divide over {process_count} processes")
   local_batch_size = global_batch_size // process_count
-  maker = UnpairedExampleMaker(ct, mri, seed=seed, crop_size=crop_size, foreground_fraction=foreground_fraction)
+  maker = UnpairedExampleMaker(ct, mri, seed=seed, crop_size=crop_size, foreground_fraction=foreground_fraction,
+                               augment=augment)
   length = ENDLESS if num_batches is None else int(num_batches) * local_batch_size
   return (grain.MapDataset.range(length)
           .map(_LocalToGlobalIndex(local_batch_size, process_index, process_count))

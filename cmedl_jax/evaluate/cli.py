@@ -1,7 +1,8 @@
 """Evaluation command lines.
 
-    cmedl-evaluate --workdir RUN --data CT_DIR [--out DIR] [--step N]
-        student-only inference over whole volumes of CT_DIR, prediction NIfTIs, per-case and per-lesion metrics
+    cmedl-evaluate --workdir RUN --data CT_DIR [--out DIR] [--step N|best] [--overwrite]
+        the run's test-time network (CMEDL: the student) over whole volumes of CT_DIR, at the run's target
+        spacing: prediction NIfTIs, per-case and per-lesion metrics on each scan's grid
     cmedl-evaluate-folder PRED_DIR REF_DIR [--out DIR]
         scores any folder of predictions (e.g. from a PyTorch baseline) the same way
     cmedl-compare A/cases.csv B/cases.csv [--metric dice]
@@ -22,6 +23,16 @@ import sys
 from cmedl_jax.errors import DataError
 
 log = logging.getLogger(__name__)
+
+
+def parse_step(text):
+  """A ``--step`` argument: a checkpoint step number or "best" (argparse ``type``)."""
+  if text == "best":
+    return text
+  try:
+    return int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"a step number or best, got {text!r}") from None
 
 
 def _add_metric_options(parser):
@@ -48,12 +59,15 @@ def main_evaluate(argv=None):
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--workdir", required=True, help="the training run folder (with checkpoints/)")
   parser.add_argument("--data", required=True, help="labelled CT dataset folder to evaluate on")
-  parser.add_argument("--out", default=None, help="output folder (default WORKDIR/eval/<data folder name>)")
-  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  parser.add_argument("--out", default=None,
+                      help="output folder (default WORKDIR/eval/<data folder name>-<path hash>/step_<N>)")
+  parser.add_argument("--overwrite", action="store_true", help="replace the results of an earlier evaluation")
+  parser.add_argument("--step", type=parse_step, default=None,
+                      help="checkpoint step, or best (the best by validation; default: the latest)")
   parser.add_argument("--batch-size", type=int, default=None, help="slices per inference batch")
   parser.add_argument("--inplane-spacing", type=float, default=None, metavar="MM",
-                      help="segment at this in-plane pixel size (mm), e.g. the training data's; predictions and "
-                           "metrics stay on each scan's grid (default: the scan's own resolution)")
+                      help="segment at this in-plane pixel size (mm) instead of the run's data.target_spacing_mm; "
+                           "predictions and metrics stay on each scan's grid")
   _add_metric_options(parser)
   args = parser.parse_args(argv)
   if args.inplane_spacing is not None and not args.inplane_spacing > 0:
@@ -65,7 +79,7 @@ def main_evaluate(argv=None):
   kwargs = _metric_kwargs(args)
   try:
     out_dir, summary = run.evaluate_run(args.workdir, args.data, args.out, step=args.step, batch_size=args.batch_size,
-                                    inplane_spacing_mm=args.inplane_spacing, **kwargs)
+                                    inplane_spacing_mm=args.inplane_spacing, overwrite=args.overwrite, **kwargs)
   except (DataError, FileNotFoundError) as e:
     print(f"ERROR {e}", file=sys.stderr)
     return 1

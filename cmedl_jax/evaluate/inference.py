@@ -20,7 +20,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cmedl_jax import ops
-from cmedl_jax.data import preprocess
+from cmedl_jax.data import preprocess, resample
 from cmedl_jax.errors import DataError
 from cmedl_jax.train import checkpointing, methods, networks
 from cmedl_jax.train import state as state_lib
@@ -80,16 +80,21 @@ def load_predictor(workdir, step=None, kernels: ops.Kernels | None = None) -> Pr
 
   Args:
     workdir: the run folder.
-    step: the checkpoint; default the latest.
+    step: the checkpoint: a step number, "best" (the best by validation, WORKDIR/best) or None (the latest).
     kernels: the CPU implementation of the ops; default :func:`run_kernels` of the run's config.
 
   Raises:
-    FileNotFoundError: no checkpoint.
+    FileNotFoundError: no checkpoint (or no best checkpoint: the run was trained without validation).
     DataError: the run's method is not in this version's method table.
   """
-  ckpt = checkpointing.RunCheckpointer(workdir, async_save=False)
+  best = step == "best"
+  subdir = checkpointing.BEST if best else checkpointing.CHECKPOINTS
+  if best and not os.path.isdir(os.path.join(os.fspath(workdir), subdir)):
+    raise FileNotFoundError(f"{os.path.join(os.fspath(workdir), subdir)}: no best checkpoint; it is kept by runs "
+                            "that validate during training (data.val_cases or eval.val_dir)")
+  ckpt = checkpointing.RunCheckpointer(workdir, async_save=False, subdir=subdir)
   try:
-    step = ckpt.latest_step() if step is None else int(step)
+    step = ckpt.latest_step() if step is None or best else int(step)
     if step is None:
       raise FileNotFoundError(f"{ckpt.directory}: no checkpoint found; train first (cmedl-train)")
     cfg = ml_collections.ConfigDict(ckpt.restore_config(step))
@@ -120,72 +125,106 @@ def _make_forward(predictor: Predictor):
   nets, predict = predictor.nets, predictor.method.predict
 
   def forward(variables, x):
-    """(B, H, W, 1) normalised CT -> (B, H, W) int32 labels."""
-    return jnp.argmax(predict(nets, variables, x), axis=-1).astype(jnp.int32)
+    """(B, H, W, 1) normalised CT -> (B, H, W, K) float32 class probabilities."""
+    return jax.nn.softmax(predict(nets, variables, x).astype(jnp.float32), axis=-1)
 
   return jax.jit(ops.using(predictor.kernels, forward))
 
 
 class VolumeSegmenter:
-  """Segments normalised CT volumes slice by slice with one compiled function per in-plane shape."""
+  """Segments CT volumes slice by slice with one compiled function per in-plane shape.
 
-  def __init__(self, predictor: Predictor, batch_size=None):
+  Scans are resampled in-plane to the run's ``data.target_spacing_mm`` (or ``target_spacing_mm``) as training
+  saw them, segmented, and the class probabilities resampled back linearly to the scan's grid, where the label
+  is their argmax: predictions and metrics are always on the scan's own grid.
+  """
+
+  def __init__(self, predictor: Predictor, batch_size=None, target_spacing_mm=None, mirror_tta=False):
+    """
+    Args:
+      predictor: the restored run.
+      batch_size: slices per batch (default the run's ``eval.batch_size``), rounded up to the local devices.
+      target_spacing_mm: in-plane pixel size to segment at, overriding the run's (None: the run's).
+      mirror_tta: average the probabilities over the 4 in-plane mirrorings (test-time augmentation).
+    """
     self.predictor = predictor
+    self.variables = predictor.variables  # the networks' variables; a trainer's validation swaps in the live ones
     n_dev = jax.local_device_count()
     batch_size = int(batch_size or predictor.cfg.eval.batch_size)
     self.batch_size = max(n_dev, int(math.ceil(batch_size / n_dev)) * n_dev)  # splits evenly over devices
     self.sharding = NamedSharding(step_lib.make_mesh(jax.local_devices()), P("data"))
     self._forward = _make_forward(predictor)
+    data = predictor.cfg.data
+    self.target_spacing_mm = resample.target_inplane(
+        target_spacing_mm if target_spacing_mm is not None else data.get("target_spacing_mm", ()))
+    self.image_interpolation = data.get("image_interpolation", "linear")
+    self.mirror_tta = bool(mirror_tta)
 
-  def __call__(self, ct_hu):
-    """(X, Y, Z) CT in HU (canonical orientation) -> (X, Y, Z) uint8 label map."""
-    window = tuple(self.predictor.cfg.data.ct_window)
-    slices = preprocess.axial_slices(preprocess.normalize_ct(ct_hu, window))  # (Z, X, Y)
+  def _predict(self, slices):
+    """(Z, H, W) normalised slices -> (Z, H, W, K) probabilities, in fixed-shape padded batches."""
     z, h, w = slices.shape
     hp, wp = (int(math.ceil(s / SPATIAL_MULTIPLE)) * SPATIAL_MULTIPLE for s in (h, w))
-    n_batches = int(math.ceil(z / self.batch_size))
-    padded = np.full((n_batches * self.batch_size, hp, wp, 1), -1.0, np.float32)  # -1 = air after the window
-    padded[:z, :h, :w, 0] = slices
-    valid = np.arange(n_batches * self.batch_size) < z  # the mask of real slices
-    out = np.zeros((n_batches * self.batch_size, hp, wp), np.uint8)
-    for b in range(n_batches):
-      rows = slice(b * self.batch_size, (b + 1) * self.batch_size)
-      x = jax.device_put(padded[rows], self.sharding)
-      out[rows] = np.asarray(self._forward(self.predictor.variables, x)).astype(np.uint8)
-    return preprocess.stack_axial(out[valid][:, :h, :w])
+    out = None
+    for start in range(0, z, self.batch_size):
+      n = min(self.batch_size, z - start)
+      batch = np.full((self.batch_size, hp, wp, 1), -1.0, np.float32)  # -1 = air after the window; the rows
+      batch[:n, :h, :w, 0] = slices[start:start + n]                   # past n (padding) are dropped below
+      probs = np.asarray(self._forward(self.variables, jax.device_put(batch, self.sharding)))
+      if out is None:
+        out = np.empty((z, h, w, probs.shape[-1]), np.float32)
+      out[start:start + n] = probs[:n, :h, :w]
+    return out
+
+  def slice_probabilities(self, slices):
+    """:meth:`_predict`, averaged over the in-plane mirrorings of the slices when ``mirror_tta`` is set."""
+    if not self.mirror_tta:
+      return self._predict(slices)
+    total = 0.0
+    for axes in ((), (1,), (2,), (1, 2)):
+      flipped = np.flip(slices, axes) if axes else slices
+      probs = self._predict(np.ascontiguousarray(flipped))
+      total = total + (np.flip(probs, axes) if axes else probs)
+    return (total / 4.0).astype(np.float32)
+
+  def probabilities(self, ct_hu, spacing_mm=None):
+    """(X, Y, Z) CT in HU (canonical orientation) -> (X, Y, Z, K) float32 class probabilities on its grid.
+
+    Args:
+      ct_hu: the scan.
+      spacing_mm: its voxel size; needed when segmenting at a target spacing.
+    """
+    return probabilities_on_scan_grid(self.slice_probabilities, ct_hu, spacing_mm, self.target_spacing_mm,
+                                      tuple(self.predictor.cfg.data.ct_window), self.image_interpolation)
+
+  def __call__(self, ct_hu, spacing_mm=None):
+    """(X, Y, Z) CT in HU -> (X, Y, Z) uint8 label map (argmax of :meth:`probabilities`)."""
+    return np.argmax(self.probabilities(ct_hu, spacing_mm), axis=-1).astype(np.uint8)
 
 
-def segment_at_inplane_spacing(segmenter, ct_hu, spacing_mm, target_mm):
-  """Segments ``ct_hu`` resampled in-plane to ``target_mm`` pixels; the label map comes back on the input grid.
+def probabilities_on_scan_grid(slice_probabilities, ct_hu, spacing_mm, target_spacing_mm, ct_window,
+                               image_interpolation="linear"):
+  """Segments a scan at ``target_spacing_mm`` and returns the class probabilities on the scan's own grid.
 
-  For a network trained at another pixel size than the scan's (e.g. phantoms vs real CT): the slices are
-  resampled linearly (slice positions unchanged), segmented, and the labels taken back to every input voxel from
-  the resampled pixel whose centre is nearest.
+  The scan is resampled in-plane (slice positions unchanged), normalised with ``ct_window``, segmented slice by
+  slice, and the probabilities are resampled back linearly (:mod:`cmedl_jax.data.resample`).
 
   Args:
-    segmenter: a :class:`VolumeSegmenter` (or any (X, Y, Z) HU -> (X, Y, Z) labels callable).
+    slice_probabilities: (Z, H, W) normalised slices -> (Z, H, W, K) probabilities.
     ct_hu: (X, Y, Z) CT in HU.
-    spacing_mm: (3,) voxel size of ``ct_hu``.
-    target_mm: in-plane pixel size to segment at (mm, > 0).
+    spacing_mm: (3,) voxel size of ``ct_hu`` (unused when ``target_spacing_mm`` is None).
+    target_spacing_mm: (x, y) pixel size to segment at, or None for the scan's own.
+    ct_window: the run's HU window.
+    image_interpolation: "linear" | "cubic".
 
   Returns:
-    (X, Y, Z) uint8 labels on the input grid.
+    (X, Y, Z, K) float32.
   """
-  from scipy import ndimage
-  if not target_mm or float(target_mm) <= 0:
-    raise ValueError(f"the in-plane spacing must be a positive number of mm, got {target_mm!r}")
   x, y, _ = ct_hu.shape
-  shape = [max(1, int(round(n * float(s) / float(target_mm)))) for n, s in zip((x, y), spacing_mm[:2])]
-  if shape == [x, y]:
-    return segmenter(ct_hu)
-  resampled = ndimage.zoom(np.asarray(ct_hu, np.float32), (shape[0] / x, shape[1] / y, 1.0), order=1,
-                           grid_mode=True, mode="nearest")
-  labels = segmenter(resampled)
-  # Nearest resampled pixel centre of each input voxel centre (grid_mode: pixel edges of both grids align).
-  rows = np.minimum(((np.arange(x) + 0.5) * labels.shape[0] / x).astype(int), labels.shape[0] - 1)
-  cols = np.minimum(((np.arange(y) + 0.5) * labels.shape[1] / y).astype(int), labels.shape[1] - 1)
-  return np.ascontiguousarray(labels[rows][:, cols]).astype(np.uint8)
-
-
-def default_output_dir(workdir, data_dir):
-  return os.path.join(workdir, "eval", os.path.basename(os.path.normpath(data_dir)))
+  shape = (x, y)
+  if target_spacing_mm is not None:
+    if spacing_mm is None:
+      raise ValueError("segmenting at a target spacing needs the scan's spacing_mm")
+    shape = resample.resampled_inplane_shape((x, y), spacing_mm[:2], target_spacing_mm)
+  image = resample.resample_image(ct_hu, shape, image_interpolation)
+  probs = slice_probabilities(preprocess.axial_slices(preprocess.normalize_ct(image, ct_window)))
+  return resample.resample_probabilities(np.moveaxis(probs, 0, 2), (x, y))

@@ -28,6 +28,8 @@ from cmedl_jax.train import methods
 
 log = logging.getLogger(__name__)
 
+EVAL_SUBDIR = os.path.join("eval", "CT")  # of each run's workdir: the held-out evaluation
+
 METHODS = tuple(methods.METHODS)
 
 
@@ -51,6 +53,7 @@ def experiment_config(base, out_dir, method, seed, steps=None, num_test=None):
   if not cfg.data.phantoms.get("num_test", 0):
     raise ValueError("the experiment needs held-out phantoms: set --num-test > 0")
   cfg.eval.data_dir = os.path.join(phantoms, "test", "CT")
+  cfg.eval.out_dir = EVAL_SUBDIR  # a fixed place the report reads
   if steps is not None:
     cfg.train.total_steps = int(steps)
   return cfg
@@ -103,7 +106,7 @@ def main(argv=None):
     t_start = time.time()
     for k, (method, seed) in enumerate(todo):
       workdir = os.path.join(runs_dir, run_name(method, seed))
-      if os.path.exists(os.path.join(workdir, "eval", "CT", "summary.json")):
+      if os.path.exists(os.path.join(workdir, EVAL_SUBDIR, "summary.json")):
         print(f"[{k + 1}/{len(todo)}] {run_name(method, seed)}: finished earlier, kept", flush=True)
         continue
       cfg = experiment_config(base, args.out, method, seed, args.steps, args.num_test)

@@ -4,6 +4,9 @@ Layout: ``WORKDIR/checkpoints/<step>/{state,model,data,config}``. ``state`` is e
 ``model`` holds only the params and batch statistics of the method's test-time networks, so evaluation reads
 those alone (runs saved before ``model`` existed have ``state`` only). Restoring needs an abstract target
 (``jax.eval_shape`` of the init): without it optax states come back as plain dicts.
+
+The best checkpoint by validation (:class:`BestCheckpoint`) lives apart, in ``WORKDIR/best/<step>/{model,config,
+best}``, outside ``train.keep_checkpoints``; ``best`` records the metric and its value.
 """
 
 from __future__ import annotations
@@ -20,18 +23,23 @@ import orbax.checkpoint as ocp
 log = logging.getLogger(__name__)
 
 
-class RunCheckpointer:
-  """Saves and restores {state, model, data iterator, config} under ``WORKDIR/checkpoints``."""
+CHECKPOINTS = "checkpoints"
+BEST = "best"
 
-  def __init__(self, workdir, *, max_to_keep=3, async_save=True):
-    self.directory = os.path.abspath(os.path.join(os.fspath(workdir), "checkpoints"))
+
+class RunCheckpointer:
+  """Saves and restores {state, model, data iterator, config} under ``WORKDIR/checkpoints`` (or ``subdir``)."""
+
+  def __init__(self, workdir, *, max_to_keep=3, async_save=True, subdir=CHECKPOINTS):
+    self.directory = os.path.abspath(os.path.join(os.fspath(workdir), subdir))
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                              enable_async_checkpointing=async_save),
-        item_names=("state", "model", "data", "config"),
+        item_names=("state", "model", "data", "config", "best"),
         item_handlers={"state": ocp.StandardCheckpointHandler(), "model": ocp.StandardCheckpointHandler(),
-                       "data": grain.checkpoint.CheckpointHandler(), "config": ocp.JsonCheckpointHandler()})
+                       "data": grain.checkpoint.CheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
+                       "best": ocp.JsonCheckpointHandler()})
 
   def latest_step(self):
     return self.manager.latest_step()
@@ -107,6 +115,46 @@ class RunCheckpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+class BestCheckpoint:
+  """The test-time networks at the best validation value so far, in ``WORKDIR/best`` (one checkpoint, kept apart
+  from the periodic ones). Survives resume: the value to beat is read back from the checkpoint itself."""
+
+  def __init__(self, workdir, metric):
+    self.metric = metric
+    self._checkpointer = RunCheckpointer(workdir, max_to_keep=1, async_save=False, subdir=BEST)
+    self.directory = self._checkpointer.directory
+    self.step, self.value = None, -float("inf")
+    latest = self._checkpointer.latest_step()
+    if latest is not None:
+      manager = self._checkpointer.manager
+      record = manager.restore(latest, args=ocp.args.Composite(best=ocp.args.JsonRestore()))["best"]
+      if record.get("metric") == metric:
+        self.step, self.value = int(record["step"]), float(record["value"])
+      else:
+        log.warning("%s holds the best checkpoint by %s; this run picks by %s: the next validation replaces it",
+                    self.directory, record.get("metric"), metric)
+
+  def offer(self, step, value, model, config_dict):
+    """Saves ``model`` as the best when ``value`` beats the best so far (strictly); returns whether it did.
+
+    [multi-process] Every process calls it with the same value (orbax's save is collective).
+    """
+    if not value > self.value:
+      return False
+    record = {"step": int(step), "metric": self.metric, "value": float(value)}
+    self._checkpointer.manager.save(
+        int(step), args=ocp.args.Composite(model=ocp.args.StandardSave(model),
+                                           config=ocp.args.JsonSave(json.loads(json.dumps(config_dict, default=str))),
+                                           best=ocp.args.JsonSave(record)), force=True)
+    self._checkpointer.manager.wait_until_finished()
+    self.step, self.value = int(step), float(value)
+    log.info("best %s %.4f at step %d -> %s", self.metric, value, step, self.directory)
+    return True
+
+  def close(self):
+    self._checkpointer.close()
 
 
 class _Position:

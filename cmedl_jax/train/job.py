@@ -5,6 +5,7 @@ evaluation of the finished run on ``config.eval.data_dir``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from typing import Optional
@@ -87,8 +88,20 @@ def train_and_evaluate(cfg, workdir, *, progress=True) -> JobResult:
       log.warning("multi-process run: evaluate it with a single process: cmedl-evaluate --workdir %s --data %s",
                   workdir, cfg.eval.data_dir)
     return JobResult(result)
+  out_dir = cfg.eval.out_dir and os.path.join(workdir, cfg.eval.out_dir)
+  out_dir = out_dir or evaluate_run_lib.default_output_dir(workdir, cfg.eval.data_dir, result.final_step)
+  summary_path = os.path.join(out_dir, "summary.json")
+  if os.path.exists(summary_path):
+    with open(summary_path) as f:
+      summary = json.load(f)
+    if summary.get("settings", {}).get("checkpoint_step") == result.final_step:
+      # A finished run started again: its evaluation of this step (deterministic) is kept.
+      log.info("step %d was evaluated on %s before: results kept in %s", result.final_step, cfg.eval.data_dir,
+               out_dir)
+      return JobResult(result, out_dir, summary["statistics"])
+    # Another step's results in a fixed eval.out_dir: evaluate_run refuses to replace them, naming the folder.
   out_dir, summary = evaluate_run_lib.evaluate_run(
-      workdir, cfg.eval.data_dir, progress=log.info, tolerances_mm=tuple(cfg.eval.tolerances_mm),
+      workdir, cfg.eval.data_dir, out_dir, progress=log.info, tolerances_mm=tuple(cfg.eval.tolerances_mm),
       convention=cfg.eval.hd95_convention)
   log.info("evaluation written to %s", out_dir)
   return JobResult(result, out_dir, summary)

@@ -33,9 +33,9 @@ import jax
 import numpy as np
 
 from cmedl_jax import config_validation, distributed, ops
-from cmedl_jax.data import pipeline
+from cmedl_jax.data import augment, pipeline, store
 from cmedl_jax.train import checkpointing, device_feed, init_from as init_from_lib, methods
-from cmedl_jax.train import state as state_lib, step as step_lib
+from cmedl_jax.train import state as state_lib, step as step_lib, validation
 from cmedl_jax.utils import png
 
 log = logging.getLogger(__name__)
@@ -78,17 +78,20 @@ class _SigtermFlag:
 
 
 class MetricWriter:
-  """Scalars to WORKDIR/metrics.csv and (when tensorboardX is installed) TensorBoard event files."""
+  """Scalars to a CSV file of WORKDIR (metrics.csv) and (when tensorboardX is installed) TensorBoard event files,
+  tagged ``<tag>/<name>`` (train/...; validation/... in WORKDIR/tensorboard/validation)."""
 
-  def __init__(self, workdir, enabled=True):
+  def __init__(self, workdir, enabled=True, filename="metrics.csv", tag="train"):
     self.enabled = enabled
-    self.path = os.path.join(workdir, "metrics.csv")
+    self.path = os.path.join(workdir, filename)
+    self.tag = tag
     self._fields = None
     self._tb = None
     if enabled:
       try:
         from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        logdir = os.path.join(workdir, "tensorboard", *([] if tag == "train" else [tag]))
+        self._tb = SummaryWriter(logdir)
       except ImportError:
         log.info("tensorboardX not installed: metrics go to %s only", self.path)
 
@@ -138,7 +141,7 @@ class MetricWriter:
     if self._tb is not None:
       for k, v in row.items():
         if k != "step":
-          self._tb.add_scalar(f"train/{k}", v, row["step"])
+          self._tb.add_scalar(f"{self.tag}/{k}", v, row["step"])
       self._tb.flush()
 
   def close(self):
@@ -214,14 +217,38 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
   init_from_lib.check_folders(init_from, nets)  # a wrong weights folder fails now, before the data is read
   multi_process = jax.process_count() > 1
   # ======================================================================== data
-  ct = pipeline.load_store(d.ct_dir, modality="CT", require_labels=True, ct_window=tuple(d.ct_window))
-  mri = pipeline.load_store(d.mri_dir, modality="MRI", mri_percentiles=tuple(d.mri_percentiles))
+  # [multi-process] Process 0 preprocesses first; the others then find the cache fresh (a shared filesystem) or
+  # write their own copy (a filesystem per host).
+  if not is_main:
+    distributed.barrier("cmedl_preprocessed")
+  ct, mri = pipeline.training_stores(d, progress=progress and is_main)
+  val_store = None
+  if cfg.eval.val_dir:
+    val_store = store.prepare(cfg.eval.val_dir, store.settings_from_config(d, "CT"), cache_dir=d.cache_dir or None,
+                              labels="required", progress=progress and is_main)
+  if is_main:
+    distributed.barrier("cmedl_preprocessed")
+  # The split is read back on resume (validation.load_or_write_splits); only the training cases feed the stream.
+  ckpt = checkpointing.RunCheckpointer(workdir, max_to_keep=cfg.train.keep_checkpoints,
+                                       async_save=cfg.train.async_checkpoint)
+  latest = ckpt.latest_step()
+  splits = validation.load_or_write_splits(workdir, ct.case_ids, d, cfg.eval.val_dir, write=is_main,
+                                           resuming=latest is not None)
+  if splits["val"]:
+    val_store = ct.subset(splits["val"])
+  ct = ct.subset(splits["train"])
+  validator = None
+  if val_store is not None and cfg.train.val_every:
+    validator = validation.Validator(cfg, nets, kernels, val_store)
+    log.info("validation: %d case(s) every %d steps (%s)", len(val_store), cfg.train.val_every,
+             "eval.val_dir" if cfg.eval.val_dir else "split off the CT set, WORKDIR/splits.json")
   dataset = pipeline.make_train_dataset(ct, mri, global_batch_size=d.global_batch_size, crop_size=d.crop_size,
-                                        seed=d.seed, foreground_fraction=d.foreground_fraction)
+                                        seed=d.seed, foreground_fraction=d.foreground_fraction,
+                                        augment=augment.Augment.from_config(d.augment))
   data_iter = pipeline.make_train_iterator(dataset, num_workers=d.num_workers)
   log.info("kernels on %s: %s (CPU programs: %s)", jax.default_backend(), kernels, cpu_form)
-  log.info("data: %d CT volumes (%d slices), %d MRI volumes (%d slices)", len(ct.images),
-           len(ct.slice_table), len(mri.images), len(mri.slice_table))
+  log.info("data: %d CT volumes (%d slices), %d MRI volumes (%d slices), preprocessed in %s and %s", len(ct),
+           ct.num_slices, len(mri), mri.num_slices, ct.folder, mri.folder)
 
   # ======================================================================== model and state
   mesh = step_lib.make_mesh()
@@ -233,10 +260,11 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
                     out_shardings=replicated)
   abstract_state = jax.eval_shape(init_fn, jax.random.key(cfg.seed))
   abstract_state = checkpointing.abstract_like(abstract_state, replicated)
-  ckpt = checkpointing.RunCheckpointer(workdir, max_to_keep=cfg.train.keep_checkpoints,
-                                       async_save=cfg.train.async_checkpoint)
   writer = MetricWriter(workdir, enabled=is_main)
-  latest = ckpt.latest_step()
+  val_writer = best = None
+  if validator is not None:
+    val_writer = MetricWriter(workdir, enabled=is_main, filename="validation.csv", tag="validation")
+    best = checkpointing.BestCheckpoint(workdir, validation.best_metric_name(cfg))
   if latest is not None:
     # Resume: state and data position come from the checkpoint (see the module docstring for the order).
     # Also resumes a checkpoint written with another number of processes (see RunCheckpointer.restore).
@@ -281,8 +309,19 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
     ckpt.save(step_number, saved_state, model, data_position, config_dict, force=force)
 
   # ======================================================================== training loop
+  def validate(step_number):
+    model = methods.test_time_variables(cfg, state.params, state.batch_stats)
+    values = validator(validation.local_variables(model, backend))
+    val_writer.write(step_number, values)
+    log.info("validation at step %d: %s", step_number, ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
+    if backend == "pmap":
+      model = distributed.as_replicated(jax.tree.map(lambda x: x.addressable_data(0)[0], model), replicated)
+    best.offer(step_number, values[best.metric], model, config_dict)
+
   start_step = int(_to_host(state.step, backend))
   writer.start_at(start_step)
+  if val_writer is not None:
+    val_writer.start_at(start_step)
   total_steps = int(cfg.train.total_steps)
   end_step = total_steps if max_steps is None else min(total_steps, start_step + int(max_steps))
   feed = device_feed.DeviceFeed(data_iter, device_batch, depth=int(cfg.train.prefetch_to_device))
@@ -310,7 +349,8 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
         save_now = step_number % cfg.train.checkpoint_every == 0 or step_number == end_step
         preview_now = bool(cfg.train.preview_every) and (step_number % cfg.train.preview_every == 0
                                                          or step_number == end_step)
-        sync = log_now or save_now or preview_now
+        val_now = validator is not None and (step_number % cfg.train.val_every == 0 or step_number == total_steps)
+        sync = log_now or save_now or preview_now or val_now
         # [multi-process] SIGTERM reaches the processes at different steps; they agree (a collective) at the sync
         # steps, which are the same on every process. A single process acts on it at once.
         stop = (distributed.any_process(sigterm.raised) if sync else False) if multi_process else sigterm.raised
@@ -335,6 +375,8 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
           else:  # [multi-process] the rows of host_batch: other processes' rows cannot be fetched here
             images_host = jax.tree.map(distributed.process_local_rows, images)
           write_preview(os.path.join(workdir, "previews", f"step_{step_number:07d}.png"), fed.host, images_host)
+        if val_now:
+          validate(step_number)
         if save_now or stop:
           save(step_number, fed.position, force=stop)
         if stop:
@@ -345,4 +387,7 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
       bar.close()
     ckpt.close()
     writer.close()
+    if validator is not None:
+      best.close()
+      val_writer.close()
   return TrainResult(final_step=step_number, last_metrics=last_metrics, history=history, stopped_by_signal=stopped)
