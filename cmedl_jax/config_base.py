@@ -28,6 +28,12 @@ def _adam(lr, b1):
   )
 
 
+# The in-plane pixel size the paper-scale configs (configs/cmedl.py, baselines.py, ablations.py) resample every scan
+# to: the lung CTs of the paper's setting are 0.6-1.0 mm in-plane and the T2w MRIs about 1 mm, so 256 px crops
+# cover about 26 cm of either modality at one scale.
+PAPER_TARGET_SPACING_MM = (1.0, 1.0)
+
+
 def _intensity_augment():
   return dict(
       brightness_prob=0.15, brightness_range=(0.75, 1.25),  # multiply intensities (in [0, 1] units)

@@ -323,6 +323,17 @@ def any_process(flag) -> bool:
   return _global_sum_fn()(int(bool(flag))) > 0
 
 
+def values_of_process_0(values: dict) -> dict:
+  """Process 0's ``{name: float}`` on every process (a collective for more than one process), so that decisions
+  taken from host-computed numbers (e.g. which checkpoint is the best) agree even where hosts round differently."""
+  if jax.process_count() == 1:
+    return dict(values)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  names = sorted(values)
+  agreed = multihost_utils.broadcast_one_to_all(np.array([values[k] for k in names], np.float64))
+  return {k: float(v) for k, v in zip(names, np.asarray(agreed))}
+
+
 def process_local_copy(tree):
   """This process's copy of a replicated pytree as uncommitted local values (numpy arrays; PRNG keys rebuilt
   from their data), which ``pmap`` accepts in single- and multi-process runs alike."""

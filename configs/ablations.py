@@ -20,6 +20,7 @@ DEFAULTS = {"ablation": "no_hint", "translator": "cyclegan", "segmenter": "unet"
 def get_config(arg=None):
   args = config_base.parse_arg(arg, CHOICES, DEFAULTS, "configs/ablations.py")
   c = config_base.base_config()
+  c.data.target_spacing_mm = config_base.PAPER_TARGET_SPACING_MM  # one physical scale for CT and MRI
   c.translator = args["translator"]
   c.model.segmenter = args["segmenter"]
   field, value = ABLATIONS[args["ablation"]]

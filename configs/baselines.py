@@ -22,6 +22,7 @@ DEFAULTS = {"method": "ct_only", "translator": "cyclegan", "segmenter": "unet"}
 def get_config(arg=None):
   args = config_base.parse_arg(arg, CHOICES, DEFAULTS, "configs/baselines.py")
   c = config_base.base_config()
+  c.data.target_spacing_mm = config_base.PAPER_TARGET_SPACING_MM  # one physical scale for CT and MRI
   c.method = args["method"]
   c.translator = args["translator"]
   c.model.segmenter = args["segmenter"]

@@ -27,7 +27,9 @@ def _flatten(tree):
 def _train(spec, phantom_dirs, is_main):
   from cmedl_jax.train import trainer
   from tests.tiny import phantom_config
-  cfg = phantom_config(phantom_dirs, spec["total_steps"], checkpoint_every=2, preview_every=2)
+  cfg = phantom_config(phantom_dirs, spec["total_steps"], checkpoint_every=2, preview_every=2,
+                       val_every=spec.get("val_every", 0))
+  cfg.data.val_cases = spec.get("val_cases", 0)
   result = trainer.train(cfg, spec["train"], progress=False)
   if is_main:
     with open(spec["out"], "w") as f:

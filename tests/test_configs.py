@@ -182,3 +182,12 @@ def test_cmedl_train_reports_bad_configs_in_one_line_before_writing_anything(tmp
     errors = [line for line in done.stderr.splitlines() if line.startswith("ERROR")]
     assert len(errors) == 1 and errors[0].startswith(expected), done.stderr
     assert not workdir.exists() and not (tmp_path / "runs").exists()
+
+
+def test_paper_configs_resample_to_one_physical_scale_and_the_defaults_keep_each_scans_own():
+  from cmedl_jax import config_base
+  from cmedl_jax.data import resample
+  for name in ("cmedl", "baselines", "ablations"):
+    assert resample.target_inplane(load_config(name).data.target_spacing_mm) == (1.0, 1.0), name
+  assert resample.target_inplane(config_base.base_config().data.target_spacing_mm) is None
+  assert resample.target_inplane(load_config("quickstart").data.target_spacing_mm) is None  # phantoms' own scale

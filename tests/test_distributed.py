@@ -175,18 +175,20 @@ def runs(phantom_dirs, tmp_path_factory):
   step-2 checkpoint. Both processes of the second job also restore A's final checkpoint."""
   tmp = tmp_path_factory.mktemp("distributed")
   a, b, c = (str(tmp / name) for name in "ABC")
+  validated = {"val_cases": 1, "val_every": 2}  # validation on one split-off case at steps 2 and 3
   single = _job(tmp / "single.json", phantom_dirs, [
-      {"train": a, "total_steps": STEPS, "out": str(tmp / "A.json")},
+      {"train": a, "total_steps": STEPS, "out": str(tmp / "A.json"), **validated},
       {"restore": a, "step": STEPS, "out": str(tmp / "A_on_1.npz")}])
   t0 = time.time()
   _run([sys.executable, WORKER, single], _environment(8), timeout=420)
   t1 = time.time()
   os.makedirs(os.path.join(c, "checkpoints"))
   shutil.copytree(os.path.join(a, "checkpoints", "2"), os.path.join(c, "checkpoints", "2"))
+  shutil.copy(os.path.join(a, "splits.json"), c)  # a run's split travels with its checkpoints
   multi = _job(tmp / "multi.json", phantom_dirs, [
-      {"train": b, "total_steps": STEPS, "out": str(tmp / "B.json")},
+      {"train": b, "total_steps": STEPS, "out": str(tmp / "B.json"), **validated},
       {"restore": a, "step": STEPS, "out": str(tmp / "A_on_2.npz")},
-      {"train": c, "total_steps": STEPS, "out": str(tmp / "C.json")}])
+      {"train": c, "total_steps": STEPS, "out": str(tmp / "C.json"), **validated}])
   log = _run([sys.executable, LAUNCHER, "-n", "2", "--cpu_devices_per_process", "4", "--timeout", "600",
               "--grace_seconds", "10", "--", sys.executable, WORKER, multi], _environment(8), timeout=660)
   print(f"1 process: {t1 - t0:.0f} s, 2 processes: {time.time() - t1:.0f} s")
@@ -220,6 +222,19 @@ def test_only_process_zero_writes_the_run_outputs_and_every_process_its_data_sta
   data_states = [name for name in os.listdir(os.path.join(b, "checkpoints", "3", "data"))
                  if name.startswith("process_")]
   assert sorted(data_states) == ["process_0-of-2.json", "process_1-of-2.json"]
+
+
+@pytest.mark.slow
+def test_two_processes_validate_like_one_and_agree_on_the_best_checkpoint(runs):
+  def validation_rows(run):
+    with open(os.path.join(runs["dirs"][run], "validation.csv")) as f:
+      return [[float(v) for v in line.split(",")] for line in f.read().splitlines()[1:]]
+
+  single, multi = validation_rows("A"), validation_rows("B")
+  assert [row[0] for row in single] == [row[0] for row in multi] == [2, 3]
+  np.testing.assert_allclose(multi, single, rtol=1e-5, atol=1e-6)
+  assert os.listdir(os.path.join(runs["dirs"]["B"], "best")) == os.listdir(os.path.join(runs["dirs"]["A"], "best"))
+  assert len(os.listdir(os.path.join(runs["dirs"]["B"], "best"))) == 1
 
 
 @pytest.mark.slow

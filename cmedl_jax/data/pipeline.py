@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 # A MapDataset needs a length; this is "forever" for any training run (2**40 examples).
 ENDLESS = 2 ** 40
+NO_AUGMENT = augment_lib.Augment(enabled=False)
 
 
 def training_stores(data_cfg, *, progress=True):
@@ -65,7 +66,7 @@ class UnpairedExampleMaker:
   """
 
   def __init__(self, ct: store.PreprocessedStore, mri: store.PreprocessedStore, *, seed, crop_size,
-               foreground_fraction=0.33, augment: augment_lib.Augment = augment_lib.Augment(enabled=False)):
+               foreground_fraction=0.33, augment: augment_lib.Augment = NO_AUGMENT):
     if not ct.labelled:
       raise ValueError(f"the CT set ({ct.folder}) has no labels; CMEDL trains on labelled CT")
     self.ct, self.mri = ct, mri
@@ -125,7 +126,7 @@ class _LocalToGlobalIndex:
 
 
 def make_train_dataset(ct: store.PreprocessedStore, mri: store.PreprocessedStore, *, global_batch_size, crop_size,
-                       seed=0, foreground_fraction=0.33, augment: augment_lib.Augment = augment_lib.Augment(enabled=False),
+                       seed=0, foreground_fraction=0.33, augment: augment_lib.Augment = NO_AUGMENT,
                        process_index=None, process_count=None, num_batches=None) -> grain.MapDataset:
   """The per-process batched MapDataset of unpaired training examples.
 

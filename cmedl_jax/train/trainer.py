@@ -6,12 +6,14 @@ Resume order (any interruption, including SIGTERM on preemption or SIGKILL, rest
   2. the latest complete checkpoint of WORKDIR/checkpoints is restored into the abstract state (params, BN
      statistics, optimizer states, image pools, rng, step) and the grain iterator is set to the position after the
      last batch that step consumed (a save interrupted by the kill is not complete and is ignored);
-  3. rows of metrics.csv past that step (logged by the interrupted process) are dropped: they are logged again,
-     with the same values (a fresh start moves an existing metrics.csv aside instead);
+  3. rows of metrics.csv and validation.csv past that step (logged by the interrupted process) are dropped: they
+     are logged again, with the same values (a fresh start moves existing files aside instead); the case split is
+     read back from WORKDIR/splits.json and the best checkpoint's value from WORKDIR/best, so validation goes on
+     picking the same best (only a strictly better value replaces it);
   4. training continues from state.step; the step's randomness is fold_in(rng, step), and every kernel sums in a
      fixed order, so the continuation is bitwise the same as an uninterrupted run.
 
-The loop syncs with the host only at log, checkpoint and preview steps (and the last): between them steps are
+The loop syncs with the host only at log, checkpoint, preview and validation steps (and the last): between them steps are
 dispatched asynchronously, at most two in flight, with batches prefetched to the devices
 (``train.prefetch_to_device``). A step whose losses or gradients are not finite leaves the state unchanged on the
 device (:func:`cmedl_jax.train.step.make_per_device_step`); its flag is read at the next sync, and before every
@@ -311,7 +313,7 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
   # ======================================================================== training loop
   def validate(step_number):
     model = methods.test_time_variables(cfg, state.params, state.batch_stats)
-    values = validator(validation.local_variables(model, backend))
+    values = distributed.values_of_process_0(validator(validation.local_variables(model, backend)))
     val_writer.write(step_number, values)
     log.info("validation at step %d: %s", step_number, ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
     if backend == "pmap":
