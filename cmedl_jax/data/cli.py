@@ -91,8 +91,9 @@ def preview(data_cfg, out_path, *, crop_size=64, batch_size=8, seed=0):
   return png.write_png(out_path, png.tile(rows, columns=batch_size))
 
 
-def preprocess_command(args, out=sys.stdout):
+def preprocess_command(args, out=None):
   """``cmedl-data preprocess``: one folder (DIR) or the config's CT and MRI folders, as training will read them."""
+  out = out or sys.stdout
   d = data_config(args)
   if args.root:
     modality = args.modality or dataset_index.load_dataset(args.root).modality or "CT"

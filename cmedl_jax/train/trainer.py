@@ -313,7 +313,8 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
   # ======================================================================== training loop
   def validate(step_number):
     model = methods.test_time_variables(cfg, state.params, state.batch_stats)
-    values = distributed.values_of_process_0(validator(validation.local_variables(model, backend)))
+    values = validator(validation.local_variables(model, backend), progress=bar is not None)
+    values = distributed.values_of_process_0(values)
     val_writer.write(step_number, values)
     log.info("validation at step %d: %s", step_number, ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
     if backend == "pmap":

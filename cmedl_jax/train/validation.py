@@ -126,15 +126,20 @@ class Validator:
   def metric_names(self):
     return ["dice"] + [f"surface_dice_{t:g}mm" for t in self.tolerances]
 
-  def per_case(self, variables):
+  def per_case(self, variables, progress=False):
     """[{case, dice, surface_dice_<t>mm...}] of every validation case, with ``variables`` of the test-time nets.
 
     Args:
       variables: {"params", "batch_stats"} of the method's test-time networks on this process's devices.
+      progress: show a progress bar over the cases (it goes when done).
     """
     self.segmenter.variables = variables
     rows = []
-    for c, case_id in enumerate(self.store.case_ids):
+    cases = enumerate(self.store.case_ids)
+    if progress:
+      from tqdm import tqdm
+      cases = tqdm(cases, total=len(self.store), desc="validate", leave=False, dynamic_ncols=True)
+    for c, case_id in cases:
       probabilities = self.segmenter.slice_probabilities(self.store.image(c))  # (Z, X, Y, K)
       prediction = np.argmax(probabilities, axis=-1) > 0
       reference = np.asarray(self.store.label(c)) > 0
@@ -144,9 +149,9 @@ class Validator:
                    **{f"surface_dice_{t:g}mm": float(v) for t, v in zip(self.tolerances, m["surface_dice"])}})
     return rows
 
-  def __call__(self, variables):
+  def __call__(self, variables, progress=False):
     """{metric: mean over the validation cases} (see :meth:`per_case`)."""
-    rows = self.per_case(variables)
+    rows = self.per_case(variables, progress)
     return {name: float(np.mean([r[name] for r in rows])) for name in self.metric_names()}
 
 
