@@ -345,6 +345,9 @@ def test_predict_writes_labels_and_probabilities_on_each_input_grid(trained_run,
   assert predict.main(["--workdir", str(workdir), "--input", single, "--out", str(out)]) == 1
   with pytest.raises(DataError, match="does not exist"):
     predict.predict(str(workdir), [str(tmp_path / "missing.nii.gz")], str(tmp_path / "x"), progress=False)
+  for out_dir in (phantom_dirs[0], os.path.join(phantom_dirs[0], "imagesTr"), os.path.dirname(single)):
+    with pytest.raises(DataError, match="lies in the input folder"):
+      predict.predict(str(workdir), [phantom_dirs[0]], out_dir, overwrite=True, progress=False)
 
 
 def test_mirror_tta_averages_the_four_mirrored_predictions(predictor):

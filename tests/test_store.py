@@ -158,3 +158,47 @@ def test_preprocess_command_prepares_what_training_then_finds_fresh(tmp_path, ca
   assert s.shapes[0].tolist() == [5, 20, 18]  # 40 x 36 pixels of 0.8 mm -> 1.6 mm
   assert cli.main(["preprocess", str(tmp_path / "CT"), "--cache-dir", str(cache), "--target-spacing", "x"]) == 1
   assert "--target-spacing" in capsys.readouterr().err
+
+
+def test_missing_or_cut_cache_files_and_a_new_label_set_are_redone(tmp_path):
+  root, cache = tmp_path / "CT", tmp_path / "cache"
+  ids = _write_dataset(root)
+  s = _prepare(root, cache)
+  expected = np.array(s.image(1))
+  # A scratch purge removes one file and truncates another: those cases are redone, bitwise the same.
+  os.remove(os.path.join(s.folder, "cases", s.entry(1)["image"]))
+  with open(os.path.join(s.folder, "cases", s.entry(2)["label"]), "r+b") as f:
+    f.truncate(100)
+  again = _prepare(root, cache)
+  np.testing.assert_array_equal(again.image(1), expected)
+  assert np.asarray(again.label(2)).shape == (5, 40, 36)
+  # dataset.json gains a class: every case is redone with the new label set.
+  dataset_index.write_dataset_json(root, ids, modality="CT", labels={"background": 0, "tumor": 1, "node": 2})
+  relabelled = _prepare(root, cache)
+  assert relabelled.labels == {"background": 0, "tumor": 1, "node": 2}
+
+
+def test_a_source_changed_while_being_read_is_an_error(tmp_path, monkeypatch):
+  root = tmp_path / "CT"
+  ids = _write_dataset(root, n=1)
+  real = store.preprocess_case
+
+  def touching(case, *args):
+    result = real(case, *args)
+    os.utime(case.image, ns=(1, 1))  # the file is rewritten meanwhile
+    return result
+
+  monkeypatch.setattr(store, "preprocess_case", touching)
+  with pytest.raises(DataError, match="changed while it was being preprocessed") as e:
+    _prepare(root, tmp_path / "cache")
+  assert dataset_index.image_path(root, ids[0]) in str(e.value)
+
+
+def test_open_memory_maps_are_bounded(tmp_path, monkeypatch):
+  monkeypatch.setattr(store, "MAX_OPEN_MAPS", 2)
+  _write_dataset(tmp_path / "CT", n=3)
+  s = _prepare(tmp_path / "CT", tmp_path / "cache")
+  values = [float(np.asarray(s.image(c)).sum()) for c in (0, 1, 2, 0)]
+  assert len(s._maps) == 2 and values[0] == values[3]
+  assert list(s._maps) == [(2, "image"), (0, "image")]  # the least recently used was closed
+  np.testing.assert_array_equal(s.locations(0, 1), np.argwhere(np.asarray(s.label(0)) == 1))

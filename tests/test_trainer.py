@@ -250,3 +250,16 @@ def test_with_converted_weights_replaces_params_and_batch_statistics_of_the_name
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert int(state.step) == 0
+
+
+def test_a_fixed_eval_folder_with_another_steps_results_fails_before_training(phantom_dirs, tmp_path):
+  from cmedl_jax.errors import DataError
+  from cmedl_jax.train import job
+  cfg = phantom_config(phantom_dirs, 4)
+  cfg.eval.data_dir, cfg.eval.out_dir = phantom_dirs[0], "eval/fixed"
+  os.makedirs(tmp_path / "eval" / "fixed")
+  with open(tmp_path / "eval" / "fixed" / "summary.json", "w") as f:
+    json.dump({"settings": {"checkpoint_step": 2}}, f)
+  with pytest.raises(DataError, match="holds the evaluation of step 2; this run ends at step 4"):
+    job.train_and_evaluate(cfg, str(tmp_path), progress=False)
+  assert not os.path.exists(tmp_path / "checkpoints")  # nothing trained

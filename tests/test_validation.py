@@ -35,14 +35,20 @@ def test_the_recorded_split_is_kept_and_guards_the_training_set(tmp_path):
   ids = [f"c{i}" for i in range(6)]
   first = validation.load_or_write_splits(tmp_path, ids, cfg.data, "")
   assert json.load(open(tmp_path / validation.SPLITS_FILE))["val"] == first["val"]
-  # Resumed: the same split, also when cases were added to the folder since.
-  assert validation.load_or_write_splits(tmp_path, ids + ["c9"], cfg.data, "")["train"] == first["train"]
+  # Resumed: the same split, also when cases were added to the folder since, or the folder moved.
+  cfg.data.ct_dir = "/scratch/CT"
+  resumed = validation.load_or_write_splits(tmp_path, ids + ["c9"], cfg.data, "", resuming=True)
+  assert (resumed["train"], resumed["val"]) == (first["train"], first["val"])
   cfg.data.val_cases = 3
   with pytest.raises(ConfigError, match="splits.json records the split.*val_cases: 2 -> 3"):
-    validation.load_or_write_splits(tmp_path, ids, cfg.data, "")
+    validation.load_or_write_splits(tmp_path, ids, cfg.data, "", resuming=True)
   cfg.data.val_cases = 2
-  with pytest.raises(ConfigError, match="no longer in"):
-    validation.load_or_write_splits(tmp_path, [c for c in ids if c != first["train"][0]], cfg.data, "")
+  for gone in (first["train"][0], first["val"][0]):
+    with pytest.raises(ConfigError, match="no longer in"):
+      validation.load_or_write_splits(tmp_path, [c for c in ids if c != gone], cfg.data, "", resuming=True)
+  # A start without checkpoints makes its split anew.
+  cfg.data.val_cases = 3
+  assert len(validation.load_or_write_splits(tmp_path, ids, cfg.data, "")["val"]) == 3
   # A run started before splits existed trained on every case: none can be split off now.
   with pytest.raises(ConfigError, match="started without a split"):
     validation.load_or_write_splits(tmp_path / "old", ids, cfg.data, "", write=False, resuming=True)
@@ -169,3 +175,14 @@ def test_validation_data_settings_are_checked(phantom_dirs):
   with pytest.raises(ConfigError, match="eval.best_metric"):
     config_validation.check_values(cfg)
   assert methods.get(cfg.method).test_time_networks  # the validated networks are the method's test-time ones
+
+
+def test_a_fresh_start_moves_another_attempts_best_checkpoint_aside(phantom_dirs, validated_run, tmp_path):
+  import shutil
+  workdir, _ = validated_run
+  shutil.copytree(workdir / checkpointing.BEST, tmp_path / checkpointing.BEST)  # left by an attempt, no checkpoint
+  earlier = sorted(os.listdir(tmp_path / checkpointing.BEST))
+  trainer.train(_val_config(phantom_dirs, total_steps=2), str(tmp_path), progress=False)
+  aside = [n for n in os.listdir(tmp_path) if n.startswith(checkpointing.BEST + ".") and n.endswith(".old")]
+  assert len(aside) == 1 and sorted(os.listdir(tmp_path / aside[0])) == earlier  # kept, not replaced
+  assert os.listdir(tmp_path / checkpointing.BEST) == ["2"]

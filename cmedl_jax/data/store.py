@@ -13,30 +13,36 @@ cache folder, one set of ``.npy`` files per case:
         .lock                          held (flock) by the process that is preprocessing
 
 Freshness: a case is redone when its source files' size or mtime differ from the manifest's (content hashes are
-computed only while preprocessing, and recorded), and the whole folder is another one when any setting differs,
-so nothing stale is used. ``<digest>`` is taken from the sources' content hashes, so a redone case gets new file
-names and a process still reading the old ones is not disturbed. Every file is written to a temporary name and
-renamed (atomic), the manifest last and after every case: an interrupted preprocessing resumes where it stopped,
-and concurrent processes (the hosts of one job on a shared filesystem) never see a partial file; the lock only
-saves them doing the same work twice.
+computed only while preprocessing, and recorded; a source that changes while it is read is an error), or when one
+of its cache files is missing or has another size than recorded (e.g. a scratch purge); another label set in
+dataset.json redoes every case, and the whole folder is another one when any setting differs, so nothing stale is
+used. ``<digest>`` is taken from the sources' content hashes, so a redone case gets new file names and a process
+still reading the old ones is not disturbed. Every file is written to a temporary name unique to the host and
+process and renamed (atomic), the manifest last (and every few seconds while preprocessing): an interrupted
+preprocessing resumes about where it stopped, and concurrent processes (the hosts of one job on a shared
+filesystem) never see a partial file; the lock only saves them doing the same work twice.
 
 Class locations (nnU-Net's): for each foreground class of each case up to ``max_locations`` voxel coordinates,
 evenly strided over the class's voxels in (z, x, y) order, so foreground sampling never scans a label map.
 
-Opening a store reads the manifest and stats the source files: O(number of cases) of metadata. Volumes are
-memory-mapped on first use in each process, so grain worker processes share the OS page cache and a pickled store
-is only its metadata.
+Opening a store reads the manifest and stats the source and cache files: O(number of cases) of metadata. Volumes
+are memory-mapped on first use in each process (at most ``MAX_OPEN_MAPS`` maps, hence file descriptors, open at
+once), so grain worker processes share the OS page cache and a pickled store is only its metadata.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
 import os
+import socket
 import time
+import uuid
 from typing import Optional
 
 import numpy as np
@@ -46,7 +52,11 @@ from cmedl_jax.errors import DataError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Memory maps a process keeps open (each holds a file descriptor; the least recently used is closed beyond this).
+MAX_OPEN_MAPS = 256
+# Seconds between manifest writes while preprocessing (and after the last case): an interruption loses at most that.
+MANIFEST_WRITE_SECONDS = 10.0
 CACHE_ENV = "CMEDL_CACHE_DIR"
 MANIFEST = "manifest.json"
 
@@ -125,7 +135,7 @@ def cache_folder(root, settings: PreprocessSettings, cache_dir=None, labelled=Tr
 
 def _file_stat(path):
   st = os.stat(path)
-  return {"path": os.path.abspath(path), "size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
+  return {"path": os.path.realpath(path), "size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
 
 
 def _sha256(path):
@@ -136,7 +146,8 @@ def _sha256(path):
   return h.hexdigest()
 
 
-def _is_fresh(entry, case, use_label):
+def _is_fresh(entry, case, use_label, folder):
+  """Whether ``entry`` was made from the case's current source files and its cache files are all there, whole."""
   if entry is None:
     return False
   for key, path in (("image", case.image), ("label", case.label if use_label else None)):
@@ -147,18 +158,31 @@ def _is_fresh(entry, case, use_label):
       st = _file_stat(path)
       if any(recorded[k] != st[k] for k in ("path", "size", "mtime_ns")):
         return False
+  for name, size in entry.get("bytes", {}).items():  # e.g. a scratch purge deleted or cut a file
+    try:
+      if os.stat(os.path.join(folder, "cases", name)).st_size != size:
+        return False
+    except FileNotFoundError:
+      return False
   return True
 
 
+def _tmp_name(path):
+  """A temporary name beside ``path`` that no other process (also on another host sharing the folder) uses."""
+  return f"{path}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+
+
 def _save_npy(path, array):
-  tmp = f"{path}.{os.getpid()}.tmp"
+  """Writes ``array`` to ``path`` atomically; returns the file's size in bytes."""
+  tmp = _tmp_name(path)
   with open(tmp, "wb") as f:
     np.save(f, np.ascontiguousarray(array))
   os.replace(tmp, path)
+  return os.stat(path).st_size
 
 
 def _write_json(path, document):
-  tmp = f"{path}.{os.getpid()}.tmp"
+  tmp = _tmp_name(path)
   with open(tmp, "w") as f:
     json.dump(document, f, indent=1)
   os.replace(tmp, path)
@@ -210,12 +234,16 @@ def preprocess_case(case, settings: PreprocessSettings, label_values, use_label)
 def _locked(folder):
   """An exclusive flock on FOLDER/.lock (waits for another process that is preprocessing the same folder)."""
   import fcntl
-  with open(os.path.join(folder, ".lock"), "w") as f:
+  path = os.path.join(folder, ".lock")
+  with open(path, "w") as f:
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
       log.info("%s: another process is preprocessing this dataset; waiting for it", folder)
       fcntl.flock(f, fcntl.LOCK_EX)
+    except OSError as e:  # e.g. a network filesystem mounted without lock support
+      raise DataError(path, f"cannot be locked ({e}); put the preprocessing cache on a filesystem with file "
+                            "locks (data.cache_dir, --cache-dir or $CMEDL_CACHE_DIR), e.g. a local disk") from e
     try:
       yield
     finally:
@@ -257,7 +285,7 @@ def prepare(root, settings: PreprocessSettings, *, cache_dir=None, labels="if_pr
   use_label = labels == "required" or (labels == "if_present" and index.labelled)
   folder = cache_folder(index.root, settings, cache_dir, use_label)
   manifest = _read_manifest(folder)
-  if manifest is not None and _all_fresh(manifest, index, use_label):
+  if manifest is not None and _all_fresh(manifest, index, use_label, folder):
     return PreprocessedStore(folder, manifest)
   os.makedirs(os.path.join(folder, "cases"), exist_ok=True)
   with _locked(folder):
@@ -266,52 +294,63 @@ def prepare(root, settings: PreprocessSettings, *, cache_dir=None, labels="if_pr
   return PreprocessedStore(folder, manifest)
 
 
-def _all_fresh(manifest, index, use_label):
+def _all_fresh(manifest, index, use_label, folder):
   entries = manifest.get("cases", {})
-  return (set(entries) == {c.case_id for c in index.cases}
-          and all(_is_fresh(entries[c.case_id], c, use_label) for c in index.cases))
+  return (manifest.get("labels") == index.labels and set(entries) == {c.case_id for c in index.cases}
+          and all(_is_fresh(entries[c.case_id], c, use_label, folder) for c in index.cases))
 
 
 def _update(folder, index, settings, manifest, use_label, progress):
   label_values = sorted(set(index.labels.values()))
-  if manifest is None or manifest.get("settings") != settings.as_dict() or manifest.get("labelled") != use_label:
+  # Another label set (dataset.json) changes label checks, per-class resampling and class locations: all redone.
+  if (manifest is None or manifest.get("settings") != settings.as_dict() or manifest.get("labelled") != use_label
+      or manifest.get("labels") != index.labels):
     manifest = {"settings": settings.as_dict(), "source": index.root, "labelled": use_label, "cases": {}}
   manifest["labels"] = index.labels
   entries = manifest["cases"]
   for stale in set(entries) - {c.case_id for c in index.cases}:
     del entries[stale]
-  todo = [c for c in index.cases if not _is_fresh(entries.get(c.case_id), c, use_label)]
+  todo = [c for c in index.cases if not _is_fresh(entries.get(c.case_id), c, use_label, folder)]
   bar = None
   if progress and todo:
     from tqdm import tqdm
     bar = tqdm(total=len(todo), desc=f"preprocess {os.path.basename(index.root)}", dynamic_ncols=True)
   log.info("preprocessing %d of %d case(s) of %s into %s", len(todo), len(index.cases), index.root, folder)
-  t0 = time.time()
-  for case in todo:
-    image_slices, label_slices, spacing, affine, source = preprocess_case(case, settings, label_values, use_label)
-    hashes = {"image": _sha256(case.image), "label": _sha256(case.label) if use_label else None}
-    digest = hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()[:12]
-    stem = os.path.join(folder, "cases", f"{case.case_id}.{digest}")
-    entry = {"source": {"image": {**_file_stat(case.image), "sha256": hashes["image"]},
-                        "label": {**_file_stat(case.label), "sha256": hashes["label"]} if use_label else None},
-             "source_shape": list(source.shape), "source_spacing_mm": list(source.spacing),
-             "shape": list(image_slices.shape), "spacing_mm": list(spacing), "affine": np.asarray(affine).tolist(),
-             "image": os.path.basename(stem) + ".image.npy"}
-    _save_npy(stem + ".image.npy", image_slices)
-    if label_slices is not None:
-      locations, table = _class_locations(label_slices, [v for v in label_values if v != 0],
-                                          settings.max_locations)
-      _save_npy(stem + ".label.npy", label_slices)
-      _save_npy(stem + ".locations.npy", locations)
-      entry.update(label=os.path.basename(stem) + ".label.npy", locations=os.path.basename(stem) + ".locations.npy",
-                   class_locations=table)
-    entries[case.case_id] = entry
+  t0 = last_write = time.time()
+  try:
+    for case in todo:
+      sources = {"image": case.image, "label": case.label if use_label else None}
+      before = {k: _file_stat(p) for k, p in sources.items() if p}
+      image_slices, label_slices, spacing, affine, source = preprocess_case(case, settings, label_values, use_label)
+      hashes = {k: _sha256(p) if p else None for k, p in sources.items()}
+      for key, stat in before.items():
+        if _file_stat(sources[key]) != stat:
+          raise DataError(sources[key], "changed while it was being preprocessed; run again once it is complete")
+      digest = hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()[:12]
+      stem = os.path.join(folder, "cases", f"{case.case_id}.{digest}")
+      entry = {"source": {"image": {**before["image"], "sha256": hashes["image"]},
+                          "label": {**before["label"], "sha256": hashes["label"]} if use_label else None},
+               "source_shape": list(source.shape), "source_spacing_mm": list(source.spacing),
+               "shape": list(image_slices.shape), "spacing_mm": list(spacing), "affine": np.asarray(affine).tolist(),
+               "image": os.path.basename(stem) + ".image.npy"}
+      arrays = {"image": image_slices}
+      if label_slices is not None:
+        locations, table = _class_locations(label_slices, [v for v in label_values if v != 0],
+                                            settings.max_locations)
+        arrays.update(label=label_slices, locations=locations)
+        entry.update(label=os.path.basename(stem) + ".label.npy", locations=os.path.basename(stem) + ".locations.npy",
+                     class_locations=table)
+      entry["bytes"] = {entry[k]: _save_npy(os.path.join(folder, "cases", entry[k]), a) for k, a in arrays.items()}
+      entries[case.case_id] = entry
+      if time.time() - last_write > MANIFEST_WRITE_SECONDS:
+        _write_json(os.path.join(folder, MANIFEST), manifest)
+        last_write = time.time()
+      if bar is not None:
+        bar.update(1)
+  finally:  # the cases done so far are recorded, also when a later case fails
     _write_json(os.path.join(folder, MANIFEST), manifest)
     if bar is not None:
-      bar.update(1)
-  if bar is not None:
-    bar.close()
-  _write_json(os.path.join(folder, MANIFEST), manifest)
+      bar.close()
   _remove_unreferenced(folder, entries)
   if todo:
     log.info("preprocessed %d case(s) in %.1f s", len(todo), time.time() - t0)
@@ -319,11 +358,12 @@ def _update(folder, index, settings, manifest, use_label, progress):
 
 
 def _remove_unreferenced(folder, entries):
-  """Deletes case files of this cache folder that the manifest no longer names (superseded versions)."""
+  """Deletes case files of this cache folder that the manifest no longer names (superseded versions, and
+  temporary files of an interrupted preprocessing; called under the folder's lock)."""
   referenced = {e[k] for e in entries.values() for k in ("image", "label", "locations") if e.get(k)}
   cases_dir = os.path.join(folder, "cases")
   for name in os.listdir(cases_dir):
-    if name.endswith(".npy") and name not in referenced:
+    if name.endswith(".tmp") or (name.endswith(".npy") and name not in referenced):
       os.remove(os.path.join(cases_dir, name))
 
 
@@ -357,14 +397,14 @@ class PreprocessedStore:
       for value in e.get("class_locations", {}):
         self._cases_with_class.setdefault(int(value), []).append(c)
     self._cases_with_class = {k: np.array(v, np.int64) for k, v in sorted(self._cases_with_class.items())}
-    self._maps = {}
+    self._maps = collections.OrderedDict()  # (case, kind) -> array, least recently used first
 
   def __len__(self):
     return len(self.case_ids)
 
   def __getstate__(self):  # pickled into worker processes: metadata only, the memory maps are reopened there
     state = dict(self.__dict__)
-    state["_maps"] = {}
+    state["_maps"] = collections.OrderedDict()
     return state
 
   def subset(self, case_ids):
@@ -394,20 +434,31 @@ class PreprocessedStore:
   def affine(self, case):
     return np.asarray(self._entries[case]["affine"], np.float64)
 
+  def _open(self, case, kind):
+    name = self._entries[case].get(kind)
+    if name is None:
+      raise ValueError(f"{self.folder}: case {self.case_ids[case]!r} has no {kind} (unlabelled dataset)")
+    path = os.path.join(self.folder, "cases", name)
+    try:
+      # A plain ndarray view of the map: numpy's memmap subclass costs ~40% more per crop (its wrapping of every
+      # slice and result), the view reads the same file-backed pages.
+      return np.asarray(np.load(path, mmap_mode="r"))
+    except OSError as e:
+      if e.errno in (errno.EMFILE, errno.ENFILE):
+        raise DataError(path, f"cannot be opened: too many open files ({e}); raise the limit (ulimit -n) or "
+                              "lower cmedl_jax.data.store.MAX_OPEN_MAPS") from e
+      raise DataError(path, f"preprocessed file is missing or unreadable ({e}): the cache was changed or deleted "
+                            "while this run used it; start the run again to redo it") from e
+
   def _map(self, case, kind):
+    """The case's array, from at most MAX_OPEN_MAPS open memory maps (least recently used closed first)."""
     key = (case, kind)
-    if key not in self._maps:
-      name = self._entries[case].get(kind)
-      if name is None:
-        raise ValueError(f"{self.folder}: case {self.case_ids[case]!r} has no {kind} (unlabelled dataset)")
-      path = os.path.join(self.folder, "cases", name)
-      try:
-        # A plain ndarray view of the map: numpy's memmap subclass costs ~40% more per crop (its wrapping of
-        # every slice and result), the view reads the same file-backed pages.
-        self._maps[key] = np.asarray(np.load(path, mmap_mode="r"))
-      except OSError as e:
-        raise DataError(path, f"preprocessed file is missing or unreadable ({e}): the cache was changed or deleted "
-                              "while this run used it; start the run again to redo it") from e
+    if key in self._maps:
+      self._maps.move_to_end(key)
+    else:
+      self._maps[key] = self._open(case, kind)
+      while len(self._maps) > MAX_OPEN_MAPS:
+        self._maps.popitem(last=False)
     return self._maps[key]
 
   def image(self, case):
@@ -421,4 +472,6 @@ class PreprocessedStore:
   def locations(self, case, value):
     """(L, 3) int32 (z, x, y) stored voxel coordinates of class ``value`` in ``case`` (L may be 0)."""
     offset, stored, _ = self._entries[case].get("class_locations", {}).get(str(int(value)), (0, 0, 0))
-    return self._map(case, "locations")[offset:offset + stored] if stored else np.zeros((0, 3), np.int32)
+    if not stored:
+      return np.zeros((0, 3), np.int32)
+    return np.array(self._open(case, "locations")[offset:offset + stored])  # a copy: the map is closed again

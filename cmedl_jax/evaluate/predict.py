@@ -7,8 +7,9 @@ Inputs are NIfTI files, plain folders of them, or dataset folders (``imagesTr/``
 needed and not read). Each scan is resampled in-plane to the run's ``data.target_spacing_mm`` (or
 ``--inplane-spacing``), segmented, and its label map written on the scan's own grid, with its affine, header and
 voxel order, as ``OUT/<case>.nii.gz``; ``--probabilities`` adds ``OUT/<case>_probabilities.nii.gz`` (float32,
-X x Y x Z x K). Existing outputs are not replaced without ``--overwrite``; all inputs are indexed and checked for
-that before anything is written, and each file is written atomically.
+X x Y x Z x K). Existing outputs are not replaced without ``--overwrite``, and ``--out`` may not lie in an input
+folder (or be an input file's folder); all inputs are indexed and checked before anything is written, and each
+file is written atomically.
 """
 
 from __future__ import annotations
@@ -70,6 +71,13 @@ def predict(workdir, inputs, out_dir, *, step=None, probabilities=False, mirror_
   """
   from cmedl_jax.evaluate import inference
   cases = collect_inputs(inputs)
+  out_real = os.path.realpath(out_dir)
+  for item in inputs:  # predictions never go into an input folder (or the folder of an input file)
+    item_real = os.path.realpath(item)
+    inside = (os.path.commonpath([out_real, item_real]) == item_real if os.path.isdir(item)
+              else out_real == os.path.dirname(item_real))
+    if inside:
+      raise DataError(out_dir, f"lies in the input folder of {item}; write the predictions elsewhere (--out)")
   if not overwrite:
     existing = [p for case_id, _ in cases for p in output_paths(out_dir, case_id, probabilities) if os.path.exists(p)]
     if existing:

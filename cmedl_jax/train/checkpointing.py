@@ -15,6 +15,7 @@ import glob
 import json
 import logging
 import os
+import time
 
 import grain
 import jax
@@ -119,7 +120,9 @@ class RunCheckpointer:
 
 class BestCheckpoint:
   """The test-time networks at the best validation value so far, in ``WORKDIR/best`` (one checkpoint, kept apart
-  from the periodic ones). Survives resume: the value to beat is read back from the checkpoint itself."""
+  from the periodic ones). Survives resume: the value to beat is read back from the checkpoint itself. A fresh
+  start (no periodic checkpoint) moves an earlier ``best`` aside first (:func:`move_aside`): it belongs to another
+  attempt."""
 
   def __init__(self, workdir, metric):
     self.metric = metric
@@ -144,6 +147,8 @@ class BestCheckpoint:
     if not value > self.value:
       return False
     record = {"step": int(step), "metric": self.metric, "value": float(value)}
+    if int(step) in self._checkpointer.manager.all_steps():  # this run's own, saved by another metric: replaced
+      self._checkpointer.manager.delete(int(step))
     self._checkpointer.manager.save(
         int(step), args=ocp.args.Composite(model=ocp.args.StandardSave(model),
                                            config=ocp.args.JsonSave(json.loads(json.dumps(config_dict, default=str))),
@@ -155,6 +160,14 @@ class BestCheckpoint:
 
   def close(self):
     self._checkpointer.close()
+
+
+def move_aside(path):
+  """Renames ``path`` (a file or folder) to ``path.<time>.old`` when it exists: kept, never replaced."""
+  if os.path.exists(path):
+    aside = f"{path}.{int(time.time())}.old"
+    os.replace(path, aside)
+    log.info("%s belongs to an earlier attempt: moved to %s", path, aside)
 
 
 class _Position:

@@ -13,6 +13,7 @@ from typing import Optional
 import jax
 
 from cmedl_jax import config_validation, distributed
+from cmedl_jax.errors import DataError
 from cmedl_jax.evaluate import run as evaluate_run_lib
 from cmedl_jax.train import trainer
 
@@ -56,6 +57,20 @@ def ensure_phantoms(data_cfg):
   return ct_dir, mri_dir
 
 
+def _check_eval_out_dir(cfg, workdir):
+  """A fixed ``eval.out_dir`` holding another step's results fails now, not after training (they are kept)."""
+  if not (cfg.eval.data_dir and cfg.eval.out_dir):
+    return
+  summary_path = os.path.join(workdir, cfg.eval.out_dir, "summary.json")
+  if os.path.exists(summary_path):
+    with open(summary_path) as f:
+      step = json.load(f).get("settings", {}).get("checkpoint_step")
+    if step != int(cfg.train.total_steps):
+      raise DataError(summary_path, f"holds the evaluation of step {step}; this run ends at step "
+                                    f"{cfg.train.total_steps}: set eval.out_dir to another folder (or leave it empty "
+                                    "for one per step)")
+
+
 def train_and_evaluate(cfg, workdir, *, progress=True) -> JobResult:
   """Validates ``cfg``, prepares the data, trains (or resumes) and evaluates the finished run.
 
@@ -64,6 +79,7 @@ def train_and_evaluate(cfg, workdir, *, progress=True) -> JobResult:
       :func:`cmedl_jax.train.trainer.train`.
   """
   config_validation.validate(cfg, num_devices=jax.device_count())
+  _check_eval_out_dir(cfg, workdir)
   # [multi-process] Process 0 writes any phantoms before the others look, so no two processes write the same
   # files; a process on a filesystem of its own then writes its own (identical) copy. (Barriers are no-ops for a
   # single process.)

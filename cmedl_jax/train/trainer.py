@@ -43,6 +43,9 @@ from cmedl_jax.utils import png
 log = logging.getLogger(__name__)
 
 
+PREPROCESS_TIMEOUT_S = 24 * 3600
+
+
 class NonFiniteLossError(RuntimeError):
   """Raised when a loss becomes NaN/Inf; the last good checkpoint is left untouched."""
 
@@ -221,15 +224,17 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
   # ======================================================================== data
   # [multi-process] Process 0 preprocesses first; the others then find the cache fresh (a shared filesystem) or
   # write their own copy (a filesystem per host).
+  # Preprocessing a large dataset takes long: these barriers wait up to a day (cmedl-data preprocess does it ahead).
   if not is_main:
-    distributed.barrier("cmedl_preprocessed")
+    distributed.barrier("cmedl_preprocessed", timeout_seconds=PREPROCESS_TIMEOUT_S)
   ct, mri = pipeline.training_stores(d, progress=progress and is_main)
   val_store = None
   if cfg.eval.val_dir:
     val_store = store.prepare(cfg.eval.val_dir, store.settings_from_config(d, "CT"), cache_dir=d.cache_dir or None,
                               labels="required", progress=progress and is_main)
   if is_main:
-    distributed.barrier("cmedl_preprocessed")
+    distributed.barrier("cmedl_preprocessed", timeout_seconds=PREPROCESS_TIMEOUT_S)
+  distributed.barrier("cmedl_preprocessed_everywhere", timeout_seconds=PREPROCESS_TIMEOUT_S)
   # The split is read back on resume (validation.load_or_write_splits); only the training cases feed the stream.
   ckpt = checkpointing.RunCheckpointer(workdir, max_to_keep=cfg.train.keep_checkpoints,
                                        async_save=cfg.train.async_checkpoint)
@@ -264,6 +269,9 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
   abstract_state = checkpointing.abstract_like(abstract_state, replicated)
   writer = MetricWriter(workdir, enabled=is_main)
   val_writer = best = None
+  if latest is None and is_main:  # a fresh start: another attempt's best checkpoint is not this run's
+    checkpointing.move_aside(os.path.join(workdir, checkpointing.BEST))
+  distributed.barrier("cmedl_best_aside")
   if validator is not None:
     val_writer = MetricWriter(workdir, enabled=is_main, filename="validation.csv", tag="validation")
     best = checkpointing.BestCheckpoint(workdir, validation.best_metric_name(cfg))

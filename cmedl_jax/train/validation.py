@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 
 import jax
 import numpy as np
@@ -53,9 +54,9 @@ def split_cases(case_ids, num_val, seed):
 def load_or_write_splits(workdir, ct_ids, data_cfg, val_dir, *, write=True, resuming=False):
   """The run's split: read from WORKDIR/splits.json when it exists, else made and (``write``) written.
 
-  The recorded split is kept on resume; a config that would split the CT set otherwise (another ``data.ct_dir``,
+  The recorded split is kept on resume; a config that would split the CT set otherwise (another
   ``data.val_cases`` or ``data.seed``) is an error naming the file, since it would change the training set
-  mid-run.
+  mid-run. A run without checkpoints makes its split anew. The CT folder may move (the split is by case id).
 
   Args:
     workdir: the run folder.
@@ -63,18 +64,18 @@ def load_or_write_splits(workdir, ct_ids, data_cfg, val_dir, *, write=True, resu
     data_cfg: the config's ``data`` section.
     val_dir: the validation folder (``eval.val_dir``) or "".
     write: write the file (the main process).
-    resuming: the run has checkpoints (a run saved before splits existed trained on every case).
+    resuming: the run has checkpoints (the recorded split binds it; a run saved before splits existed trained on
+      every case).
 
   Returns:
     {"train": [ids], "val": [ids of the split-off cases], "val_dir": folder or None, ...}.
 
   Raises:
-    ConfigError: a recorded split that the config contradicts, or one whose training cases are missing.
+    ConfigError: a recorded split that the config contradicts, or one whose cases are missing.
   """
   path = os.path.join(workdir, SPLITS_FILE)
-  key = {"ct_dir": os.path.abspath(data_cfg.ct_dir), "val_cases": int(data_cfg.val_cases),
-         "seed": int(data_cfg.seed)}
-  if os.path.exists(path):
+  key = {"val_cases": int(data_cfg.val_cases), "seed": int(data_cfg.seed)}
+  if resuming and os.path.exists(path):
     with open(path) as f:
       splits = json.load(f)
     recorded = {k: splits.get(k) for k in key}
@@ -82,10 +83,10 @@ def load_or_write_splits(workdir, ct_ids, data_cfg, val_dir, *, write=True, resu
       changed = ", ".join(f"{k}: {recorded[k]!r} -> {key[k]!r}" for k in key if recorded[k] != key[k])
       raise ConfigError("data", f"{path} records the split this run trains with, and the config differs ({changed});"
                                 " resume with the recorded settings or start a new workdir")
-    missing = sorted(set(splits["train"]) - set(ct_ids))
+    missing = sorted(set(splits["train"] + splits["val"]) - set(ct_ids))
     if missing:
-      raise ConfigError("data.ct_dir", f"{path}: training case(s) {', '.join(missing[:5])} are no longer in "
-                                       f"{data_cfg.ct_dir}; restore them or start a new workdir")
+      raise ConfigError("data.ct_dir", f"{path}: case(s) {', '.join(missing[:5])} of the recorded split are no "
+                                       f"longer in {data_cfg.ct_dir}; restore them or start a new workdir")
     added = sorted(set(ct_ids) - set(splits["train"]) - set(splits["val"]))
     if added:
       log.warning("%d CT case(s) added to %s since the run started are not used (split: %s)", len(added),
@@ -96,9 +97,10 @@ def load_or_write_splits(workdir, ct_ids, data_cfg, val_dir, *, write=True, resu
                                           "validation cases can only be split off in a new run (or use eval.val_dir)")
     train, val = split_cases(ct_ids, key["val_cases"], key["seed"]) if key["val_cases"] else (sorted(ct_ids), [])
     splits = {**key, "train": train, "val": val}
+  splits["ct_dir"] = os.path.realpath(data_cfg.ct_dir)
   splits["val_dir"] = os.path.abspath(val_dir) if val_dir else None
   if write:
-    tmp = f"{path}.{os.getpid()}.tmp"
+    tmp = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
       json.dump(splits, f, indent=1)
     os.replace(tmp, path)
