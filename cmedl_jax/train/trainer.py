@@ -13,8 +13,8 @@ Resume order (any interruption, including SIGTERM on preemption or SIGKILL, rest
   4. training continues from state.step; the step's randomness is fold_in(rng, step), and every kernel sums in a
      fixed order, so the continuation is bitwise the same as an uninterrupted run.
 
-The loop syncs with the host only at log, checkpoint, preview and validation steps (and the last): between them steps are
-dispatched asynchronously, at most two in flight, with batches prefetched to the devices
+The loop syncs with the host only at log, checkpoint, preview and validation steps (and the last): between them
+steps are dispatched asynchronously, at most two in flight, with batches prefetched to the devices
 (``train.prefetch_to_device``). A step whose losses or gradients are not finite leaves the state unchanged on the
 device (:func:`cmedl_jax.train.step.make_per_device_step`); its flag is read at the next sync, and before every
 save, and the run stops naming it, with nothing non-finite saved.
