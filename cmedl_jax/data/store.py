@@ -472,6 +472,4 @@ class PreprocessedStore:
   def locations(self, case, value):
     """(L, 3) int32 (z, x, y) stored voxel coordinates of class ``value`` in ``case`` (L may be 0)."""
     offset, stored, _ = self._entries[case].get("class_locations", {}).get(str(int(value)), (0, 0, 0))
-    if not stored:
-      return np.zeros((0, 3), np.int32)
-    return np.array(self._open(case, "locations")[offset:offset + stored])  # a copy: the map is closed again
+    return self._map(case, "locations")[offset:offset + stored] if stored else np.zeros((0, 3), np.int32)
