@@ -186,3 +186,18 @@ def test_a_fresh_start_moves_another_attempts_best_checkpoint_aside(phantom_dirs
   aside = [n for n in os.listdir(tmp_path) if n.startswith(checkpointing.BEST + ".") and n.endswith(".old")]
   assert len(aside) == 1 and sorted(os.listdir(tmp_path / aside[0])) == earlier  # kept, not replaced
   assert os.listdir(tmp_path / checkpointing.BEST) == ["2"]
+
+
+def test_the_pmap_backend_validates_and_keeps_the_best_like_shard_map(phantom_dirs, validated_run, tmp_path):
+  workdir, _ = validated_run
+  cfg = _val_config(phantom_dirs, total_steps=2)
+  cfg.train.backend = "pmap"
+  trainer.train(cfg, str(tmp_path), progress=False)
+  pmap_rows, shard_map_rows = _csv(tmp_path / "validation.csv"), _csv(workdir / "validation.csv")[:1]
+  assert [r["step"] for r in pmap_rows] == [r["step"] for r in shard_map_rows] == ["2"]
+  for key in pmap_rows[0]:
+    assert float(pmap_rows[0][key]) == pytest.approx(float(shard_map_rows[0][key]), rel=1e-5, abs=1e-6)
+  assert os.listdir(tmp_path / checkpointing.BEST) == ["2"]
+  best = inference.load_predictor(str(tmp_path), "best")
+  periodic = inference.load_predictor(str(tmp_path), 2)
+  jax.tree.map(np.testing.assert_array_equal, best.variables, periodic.variables)

@@ -310,23 +310,25 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
       return jax.tree.map(lambda x: x.reshape((jax.local_device_count(), -1) + x.shape[1:]), arrays)
     return step_lib.shard_batch(arrays, mesh)
 
-  def save(step_number, data_position, force=False):
+  def as_global(tree):
     # [multi-process] orbax takes global arrays only: pmap's per-process copy (that of the first local device,
     # taken without a multi-device computation) is put back on `replicated`.
-    saved_state = state if backend != "pmap" else distributed.as_replicated(
-        jax.tree.map(lambda x: x.addressable_data(0)[0], state), replicated)
+    if backend != "pmap":
+      return tree
+    return distributed.as_replicated(jax.tree.map(lambda x: x.addressable_data(0)[0], tree), replicated)
+
+  def save(step_number, data_position, force=False):
+    saved_state = as_global(state)
     model = methods.test_time_variables(cfg, saved_state.params, saved_state.batch_stats)
     ckpt.save(step_number, saved_state, model, data_position, config_dict, force=force)
 
   # ======================================================================== training loop
   def validate(step_number):
-    model = methods.test_time_variables(cfg, state.params, state.batch_stats)
-    values = validator(validation.local_variables(model, backend), progress=bar is not None)
+    model = as_global(methods.test_time_variables(cfg, state.params, state.batch_stats))
+    values = validator(validation.local_variables(model), progress=bar is not None)
     values = distributed.values_of_process_0(values)
     val_writer.write(step_number, values)
     log.info("validation at step %d: %s", step_number, ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
-    if backend == "pmap":
-      model = distributed.as_replicated(jax.tree.map(lambda x: x.addressable_data(0)[0], model), replicated)
     best.offer(step_number, values[best.metric], model, config_dict)
 
   start_step = int(_to_host(state.step, backend))

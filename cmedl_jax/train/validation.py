@@ -164,14 +164,7 @@ def best_metric_name(cfg):
   return f"surface_dice_{float(cfg.eval.tolerances_mm[0]):g}mm"
 
 
-def local_variables(variables, backend):
-  """The test-time variables as this process's devices hold them, for inference over the local devices.
-
-  pmap's state carries a leading device axis (every entry equal); in a multi-process run the replicated global
-  arrays span devices this process cannot address.
-  """
-  if backend == "pmap":
-    return jax.tree.map(lambda x: x.addressable_data(0)[0], variables)
-  if jax.process_count() > 1:
-    return distributed.process_local_copy(variables)
-  return variables
+def local_variables(variables):
+  """The test-time variables (replicated global arrays) as this process's devices hold them, for inference over
+  the local devices: in a multi-process run the global arrays span devices this process cannot address."""
+  return distributed.process_local_copy(variables) if jax.process_count() > 1 else variables
