@@ -68,6 +68,14 @@ def _strip_ending(name):
   return None, None
 
 
+def case_id_of(image_path):
+  """The case id of an image file name (``CASE_0000.nii.gz`` or ``CASE.nii``: ``CASE``), None if not NIfTI."""
+  stem, _ = _strip_ending(os.path.basename(image_path))
+  if stem is not None and stem.endswith("_0000"):
+    stem = stem[:-5]
+  return stem
+
+
 def _read_dataset_json(path):
   try:
     with open(path) as f:
@@ -117,12 +125,10 @@ def _cases_from_training_list(root, json_path, entries):
       raise DataError(json_path, f"'training'[{i}] must be an object with an 'image' key, got {entry!r}")
     image = os.path.normpath(os.path.join(root, entry["image"]))
     label = os.path.normpath(os.path.join(root, entry["label"])) if entry.get("label") else None
-    stem, _ = _strip_ending(os.path.basename(image))
-    if stem is None:
+    case_id = case_id_of(image)
+    if case_id is None:
       raise DataError(json_path, f"'training'[{i}] image {entry['image']!r} is not a .nii/.nii.gz file")
-    if stem.endswith("_0000"):
-      stem = stem[:-5]
-    cases.append(Case(stem, image, label))
+    cases.append(Case(case_id, image, label))
   return cases
 
 

@@ -38,11 +38,10 @@ def collect_inputs(inputs):
     if os.path.isdir(item):
       found = [(c.case_id, c.image) for c in dataset_index.load_dataset(item).cases]
     elif os.path.isfile(item):
-      stem = next((os.path.basename(item)[:-len(e)] for e in dataset_index.NIFTI_ENDINGS
-                   if item.endswith(e)), None)
-      if stem is None:
+      case_id = dataset_index.case_id_of(item)
+      if case_id is None:
         raise DataError(item, "is not a NIfTI file (.nii or .nii.gz)")
-      found = [(stem[:-5] if stem.endswith("_0000") else stem, item)]
+      found = [(case_id, item)]
     else:
       raise DataError(item, "input does not exist")
     for case_id, path in found:
