@@ -19,6 +19,7 @@ import nibabel as nib
 import numpy as np
 
 from cmedl_jax.errors import DataError
+from cmedl_jax.utils import files
 
 # Affines of an image and its label are compared with this tolerance (mm, and unitless for direction cosines):
 # float32 header round trips and different writing tools (ITK vs nibabel) disagree at about 1e-6 relative.
@@ -207,9 +208,7 @@ def save_nifti(path, data, affine, *, header=None, dtype=None):
   if header is not None:
     # A copied header may carry the input's scaling; predictions are stored unscaled.
     img.header.set_slope_inter(1.0, 0.0)
-  name = os.path.basename(path)
-  ending = next((e for e in (".nii.gz", ".nii") if name.endswith(e)), "")
-  tmp = os.path.join(os.path.dirname(path) or ".", f".{name[:len(name) - len(ending)]}.{os.getpid()}.tmp{ending}")
+  tmp = files.temporary_name(path, ending=next((e for e in (".nii.gz", ".nii") if path.endswith(e)), ""))
   nib.save(img, tmp)
   os.replace(tmp, path)
   return path

@@ -40,15 +40,14 @@ import hashlib
 import json
 import logging
 import os
-import socket
 import time
-import uuid
 from typing import Optional
 
 import numpy as np
 
 from cmedl_jax.data import dataset_index, nifti_io, preprocess, resample
 from cmedl_jax.errors import DataError
+from cmedl_jax.utils import files
 
 log = logging.getLogger(__name__)
 
@@ -167,25 +166,13 @@ def _is_fresh(entry, case, use_label, folder):
   return True
 
 
-def _tmp_name(path):
-  """A temporary name beside ``path`` that no other process (also on another host sharing the folder) uses."""
-  return f"{path}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-
-
 def _save_npy(path, array):
   """Writes ``array`` to ``path`` atomically; returns the file's size in bytes."""
-  tmp = _tmp_name(path)
+  tmp = files.temporary_name(path)
   with open(tmp, "wb") as f:
     np.save(f, np.ascontiguousarray(array))
   os.replace(tmp, path)
   return os.stat(path).st_size
-
-
-def _write_json(path, document):
-  tmp = _tmp_name(path)
-  with open(tmp, "w") as f:
-    json.dump(document, f, indent=1)
-  os.replace(tmp, path)
 
 
 def _class_locations(label_slices, values, max_locations):
@@ -343,12 +330,12 @@ def _update(folder, index, settings, manifest, use_label, progress):
       entry["bytes"] = {entry[k]: _save_npy(os.path.join(folder, "cases", entry[k]), a) for k, a in arrays.items()}
       entries[case.case_id] = entry
       if time.time() - last_write > MANIFEST_WRITE_SECONDS:
-        _write_json(os.path.join(folder, MANIFEST), manifest)
+        files.write_json(os.path.join(folder, MANIFEST), manifest)
         last_write = time.time()
       if bar is not None:
         bar.update(1)
   finally:  # the cases done so far are recorded, also when a later case fails
-    _write_json(os.path.join(folder, MANIFEST), manifest)
+    files.write_json(os.path.join(folder, MANIFEST), manifest)
     if bar is not None:
       bar.close()
   _remove_unreferenced(folder, entries)

@@ -15,7 +15,6 @@ import glob
 import json
 import logging
 import os
-import time
 
 import grain
 import jax
@@ -121,8 +120,8 @@ class RunCheckpointer:
 class BestCheckpoint:
   """The test-time networks at the best validation value so far, in ``WORKDIR/best`` (one checkpoint, kept apart
   from the periodic ones). Survives resume: the value to beat is read back from the checkpoint itself. A fresh
-  start (no periodic checkpoint) moves an earlier ``best`` aside first (:func:`move_aside`): it belongs to another
-  attempt."""
+  start (no periodic checkpoint) moves an earlier ``best`` aside first (``cmedl_jax.utils.files.move_aside``): it
+  belongs to another attempt."""
 
   def __init__(self, workdir, metric):
     self.metric = metric
@@ -160,14 +159,6 @@ class BestCheckpoint:
 
   def close(self):
     self._checkpointer.close()
-
-
-def move_aside(path):
-  """Renames ``path`` (a file or folder) to ``path.<time>.old`` when it exists: kept, never replaced."""
-  if os.path.exists(path):
-    aside = f"{path}.{int(time.time())}.old"
-    os.replace(path, aside)
-    log.info("%s belongs to an earlier attempt: moved to %s", path, aside)
 
 
 class _Position:

@@ -38,7 +38,7 @@ from cmedl_jax import config_validation, distributed, ops
 from cmedl_jax.data import augment, pipeline, store
 from cmedl_jax.train import checkpointing, device_feed, init_from as init_from_lib, methods
 from cmedl_jax.train import state as state_lib, step as step_lib, validation
-from cmedl_jax.utils import png
+from cmedl_jax.utils import files, png
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class MetricWriter:
     if not self.enabled or not os.path.exists(self.path):
       return
     if step == 0:
-      os.replace(self.path, self.path + f".{int(time.time())}.old")
+      files.move_aside(self.path)
       return
     with open(self.path, newline="") as f:
       rows = list(csv.reader(f))
@@ -121,7 +121,7 @@ class MetricWriter:
     kept = [header] + [row for row in rows[1:] if len(row) == len(header) and int(float(row[step_column])) <= step]
     if len(kept) == len(rows):
       return
-    tmp = self.path + ".tmp"
+    tmp = files.temporary_name(self.path)
     with open(tmp, "w", newline="") as f:
       csv.writer(f).writerows(kept)
     os.replace(tmp, self.path)
@@ -138,7 +138,7 @@ class MetricWriter:
       if not self._fields or set(self._fields) != set(row):
         self._fields = list(row)
         if exists:  # a resumed run with other metrics: start a new file rather than mixing columns
-          os.replace(self.path, self.path + f".{int(time.time())}.old")
+          files.move_aside(self.path)
         with open(self.path, "w", newline="") as f:
           csv.writer(f).writerow(self._fields)
     with open(self.path, "a", newline="") as f:
@@ -270,7 +270,7 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
   writer = MetricWriter(workdir, enabled=is_main)
   val_writer = best = None
   if latest is None and is_main:  # a fresh start: another attempt's best checkpoint is not this run's
-    checkpointing.move_aside(os.path.join(workdir, checkpointing.BEST))
+    files.move_aside(os.path.join(workdir, checkpointing.BEST))
   distributed.barrier("cmedl_best_aside")
   if validator is not None:
     val_writer = MetricWriter(workdir, enabled=is_main, filename="validation.csv", tag="validation")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 
 import jax
 import numpy as np
@@ -28,6 +27,7 @@ from cmedl_jax import distributed
 from cmedl_jax.errors import ConfigError, DataError
 from cmedl_jax.evaluate import inference
 from cmedl_jax.metrics import jax_surface
+from cmedl_jax.utils import files
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +100,7 @@ def load_or_write_splits(workdir, ct_ids, data_cfg, val_dir, *, write=True, resu
   splits["ct_dir"] = os.path.realpath(data_cfg.ct_dir)
   splits["val_dir"] = os.path.abspath(val_dir) if val_dir else None
   if write:
-    tmp = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-      json.dump(splits, f, indent=1)
-    os.replace(tmp, path)
+    files.write_json(path, splits)
   return splits
 
 
