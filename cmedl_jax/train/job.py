@@ -57,18 +57,26 @@ def ensure_phantoms(data_cfg):
   return ct_dir, mri_dir
 
 
+def _earlier_summary(out_dir):
+  """(summary.json of an earlier evaluation in ``out_dir`` or None, the checkpoint step it evaluated)."""
+  path = os.path.join(out_dir, "summary.json")
+  if not os.path.exists(path):
+    return None, None
+  with open(path) as f:
+    summary = json.load(f)
+  return summary, summary.get("settings", {}).get("checkpoint_step")
+
+
 def _check_eval_out_dir(cfg, workdir):
   """A fixed ``eval.out_dir`` holding another step's results fails now, not after training (they are kept)."""
   if not (cfg.eval.data_dir and cfg.eval.out_dir):
     return
-  summary_path = os.path.join(workdir, cfg.eval.out_dir, "summary.json")
-  if os.path.exists(summary_path):
-    with open(summary_path) as f:
-      step = json.load(f).get("settings", {}).get("checkpoint_step")
-    if step != int(cfg.train.total_steps):
-      raise DataError(summary_path, f"holds the evaluation of step {step}; this run ends at step "
-                                    f"{cfg.train.total_steps}: set eval.out_dir to another folder (or leave it empty "
-                                    "for one per step)")
+  out_dir = os.path.join(workdir, cfg.eval.out_dir)
+  summary, step = _earlier_summary(out_dir)
+  if summary is not None and step != int(cfg.train.total_steps):
+    raise DataError(os.path.join(out_dir, "summary.json"), f"holds the evaluation of step {step}; this run ends at "
+                    f"step {cfg.train.total_steps}: set eval.out_dir to another folder (or leave it empty for one "
+                    "per step)")
 
 
 def train_and_evaluate(cfg, workdir, *, progress=True) -> JobResult:
@@ -106,16 +114,12 @@ def train_and_evaluate(cfg, workdir, *, progress=True) -> JobResult:
     return JobResult(result)
   out_dir = cfg.eval.out_dir and os.path.join(workdir, cfg.eval.out_dir)
   out_dir = out_dir or evaluate_run_lib.default_output_dir(workdir, cfg.eval.data_dir, result.final_step)
-  summary_path = os.path.join(out_dir, "summary.json")
-  if os.path.exists(summary_path):
-    with open(summary_path) as f:
-      summary = json.load(f)
-    if summary.get("settings", {}).get("checkpoint_step") == result.final_step:
-      # A finished run started again: its evaluation of this step (deterministic) is kept.
-      log.info("step %d was evaluated on %s before: results kept in %s", result.final_step, cfg.eval.data_dir,
-               out_dir)
-      return JobResult(result, out_dir, summary["statistics"])
-    # Another step's results in a fixed eval.out_dir: evaluate_run refuses to replace them, naming the folder.
+  summary, step = _earlier_summary(out_dir)
+  if summary is not None and step == result.final_step:
+    # A finished run started again: its evaluation of this step (deterministic) is kept.
+    log.info("step %d was evaluated on %s before: results kept in %s", result.final_step, cfg.eval.data_dir, out_dir)
+    return JobResult(result, out_dir, summary["statistics"])
+  # Another step's results in a fixed eval.out_dir: evaluate_run refuses to replace them, naming the folder.
   out_dir, summary = evaluate_run_lib.evaluate_run(
       workdir, cfg.eval.data_dir, out_dir, progress=log.info, tolerances_mm=tuple(cfg.eval.tolerances_mm),
       convention=cfg.eval.hd95_convention)
