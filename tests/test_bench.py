@@ -55,7 +55,7 @@ def test_data_benchmark_runs_small(tmp_path, capsys):
   from cmedl_jax.bench import data_bench
   report = tmp_path / "data.json"
   argv = ["--cases", "2", "--size", "48", "--slices", "6", "--mri-cases", "2", "--crop", "32", "--batch", "4",
-          "--batches", "3", "--workers", "0,2", "--work-dir", str(tmp_path / "work"), "--no-progress",
+          "--batches", "3", "--rounds", "2", "--workers", "0,2", "--work-dir", str(tmp_path / "work"), "--no-progress",
           "--json", str(report)]
   assert data_bench.main(argv) == 0
   output = capsys.readouterr().out
@@ -65,7 +65,19 @@ def test_data_benchmark_runs_small(tmp_path, capsys):
   import json
   run = json.loads(report.read_text())["runs"]["2"]
   rows = run["throughput"]
-  assert len(rows) == 4 and all(r["examples"] == 3 * 4 for r in rows)
+  assert len(rows) == 4
+  assert all(r["examples"] == (2 if r["store"] == "in-RAM" and r["workers"] == 0 else 1) * 3 * 4 for r in rows)
+  in_ram_0 = next(r for r in rows if r["store"] == "in-RAM" and r["workers"] == 0)
+  # 0 workers: the stores took two rounds each in turn; the in-RAM rate is the median of its rounds', the ratio the
+  # median of the per-round ratios
+  assert len(in_ram_0["ratios_per_round"]) == 2
+  assert in_ram_0["examples_per_s"] == pytest.approx(np.median(in_ram_0["examples_per_s_per_round"]))
+  assert in_ram_0["ratio_mmap_over_in_ram"] == pytest.approx(np.median(in_ram_0["ratios_per_round"]))
+  assert in_ram_0["ratios_per_round"] == pytest.approx(
+      [a / b for a, b in zip(in_ram_0["mmap_interleaved_examples_per_s_per_round"],
+                             in_ram_0["examples_per_s_per_round"])])
+  in_ram_2, mmap_2 = (next(r for r in rows if r["store"] == s and r["workers"] == 2) for s in ("in-RAM", "mmap"))
+  assert in_ram_2["ratio_mmap_over_in_ram"] == pytest.approx(mmap_2["examples_per_s"] / in_ram_2["examples_per_s"])
   # the same stream from both stores: the in-RAM store's first batch is bitwise the memory-mapped one's
   assert all(r["same_first_batch"] for r in rows if r["store"] == "in-RAM")
   assert max(r["child_processes"] for r in rows if r["workers"] == 2) >= 2  # the grain workers were sampled

@@ -1,8 +1,8 @@
 """Benchmark: the preprocessed, memory-mapped training data at real size, against an in-RAM store, in one run.
 
     python -m cmedl_jax.bench data [--cases 20,60] [--size 512] [--slices 120] [--mri-cases 4] [--crop 256]
-        [--batch 8] [--batches 50] [--workers 0,2] [--train-start] [--work-dir /tmp/cmedl_data_bench] [--keep]
-        [--json FILE]
+        [--batch 8] [--batches 50] [--rounds 6] [--workers 0,2] [--train-start] [--work-dir /tmp/cmedl_data_bench]
+        [--keep] [--json FILE]
 
 1. Writes max(--cases) labelled CT volumes (int16 HU in [-1000, 1000], ``--size`` x ``--size`` x ``--slices``,
    0.8 x 0.8 x 2.5 mm, body, lungs, one ellipsoidal tumour labelled 1) and ``--mri-cases`` MRI volumes (a plain
@@ -12,13 +12,18 @@
    preprocesses CT and MRI) and a second start (the cache is fresh: manifests and file stats only), timed, with
    the peak memory of the machine during the first.
 3. Throughput: examples/s of the training stream (``make_train_dataset`` with the base config's augmentation and
-   foreground fraction, ``--crop``, ``--batch``) over ``--batches`` batches after the first (whose time, worker
-   start included, is printed apart), for each ``--workers`` count, from the memory-mapped store and from an
-   in-RAM store (:class:`InRamStore`: every volume read into RAM as float32 up front and pickled whole into each
-   grain worker, as the removed store did), with the ratio memory-mapped / in-RAM on the same cases, and whether
-   the two streams' first batches are bitwise equal. Where the in-RAM store with its worker copies would need more
-   than ``--ram-fraction`` of the machine's memory, it runs on the first K cases that fit (and the memory-mapped
-   store again on the same K cases, for the ratio); K is printed.
+   foreground fraction, ``--crop``, ``--batch``), from the memory-mapped store and from an in-RAM store
+   (:class:`InRamStore`: every volume read into RAM as float32 up front and pickled whole into each grain worker,
+   as the removed store did), with the ratio memory-mapped / in-RAM on the same cases and whether the two streams'
+   first batches are bitwise equal. The memory-mapped store first runs alone (``--batches`` batches after the
+   first, whose time, worker start included, is printed apart; its memory is that run's). With workers the in-RAM
+   store then runs the same way (starting workers costs seconds, and it pickles every volume into each). With 0
+   workers the ratio comes from the two stores taking turns: ``--rounds`` rounds each (the order alternating), a
+   round timing ``--batches`` batches after its first from an iterator started at the round's own batch offset;
+   the in-RAM row's examples/s is the median of its rounds and the ratio the median of the per-round ratios (their
+   range printed), so drifts of the machine's speed hit both stores alike. Where the in-RAM store with its worker copies
+   would need more than ``--ram-fraction`` of the machine's memory, it runs on the first K cases that fit (and the
+   memory-mapped store again on the same K cases, for the ratio); K is printed.
 4. Memory, sampled every 0.2 s in a background thread: the machine's memory in use (MemTotal - MemAvailable of
    /proc/meminfo, less its value when the benchmark started; the page cache is not in use) and the anonymous
    resident memory (RssAnon: not file-backed, so memory-mapped pages do not count) of this process and, summed, of
@@ -41,6 +46,7 @@ import argparse
 import gc
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -318,28 +324,96 @@ def in_ram_need(per_ct_case, mri_bytes, cases, workers):
 # ---------------------------------------------------------------------------------------------------------- runs
 
 
-def measure_stream(ct, mri, *, workers, batch, batches, crop, seed, foreground_fraction, augment, baseline):
-  """Iterates the training stream: seconds to the first batch, then ``batches`` more batches timed, memory peaks."""
+def _dataset(ct, mri, *, batch, crop, seed, foreground_fraction, augment, **_):
   from cmedl_jax.data import pipeline
-  dataset = pipeline.make_train_dataset(ct, mri, global_batch_size=batch, crop_size=crop, seed=seed,
-                                        foreground_fraction=foreground_fraction, augment=augment, process_index=0,
-                                        process_count=1)
+  return pipeline.make_train_dataset(ct, mri, global_batch_size=batch, crop_size=crop, seed=seed,
+                                     foreground_fraction=foreground_fraction, augment=augment, process_index=0,
+                                     process_count=1)
+
+
+def _peaks(memory_dicts):
+  """The peaks over several :meth:`MemoryPeak.as_dict` (the RssAnon at start: the first one's)."""
+  out = {key: max(d[key] for d in memory_dicts) for key in memory_dicts[0]}
+  out["anon_main_at_start_gib"] = memory_dicts[0]["anon_main_at_start_gib"]
+  return out
+
+
+def _timed_batches(dataset, workers, batches, memory):
+  """Seconds to the first batch of an iterator over ``dataset`` (workers started), seconds for ``batches`` more,
+  examples in them, and the first batch."""
+  from cmedl_jax.data import pipeline
+  t0 = time.perf_counter()
+  iterator = pipeline.make_train_iterator(dataset, num_workers=workers)
+  first = next(iterator)
+  t1 = time.perf_counter()
+  examples = 0
+  for _ in range(batches):
+    examples += len(next(iterator)["ct"])
+  t2 = time.perf_counter()
+  close = getattr(iterator, "close", None)
+  if close is not None:
+    close()
+  del iterator
+  memory.sample()
+  return t1 - t0, t2 - t1, examples, first
+
+
+def measure_stream(ct, mri, *, workers, batches, baseline, **stream):
+  """Iterates the training stream once: seconds to the first batch, then ``batches`` more batches timed, memory
+  peaks."""
+  dataset = _dataset(ct, mri, **stream)
   with MemoryPeak(baseline) as memory:
-    t0 = time.perf_counter()
-    iterator = pipeline.make_train_iterator(dataset, num_workers=workers)
-    first = next(iterator)
-    t1 = time.perf_counter()
-    examples = 0
-    for _ in range(batches):
-      examples += len(next(iterator)["ct"])
-    t2 = time.perf_counter()
-    close = getattr(iterator, "close", None)
-    if close is not None:
-      close()
-    del iterator
-  seconds = t2 - t1
-  return {"workers": workers, "first_batch_s": t1 - t0, "seconds": seconds, "examples": examples,
+    first_s, seconds, examples, first = _timed_batches(dataset, workers, batches, memory)
+  return {"workers": workers, "first_batch_s": first_s, "seconds": seconds, "examples": examples,
           "examples_per_s": examples / max(seconds, 1e-9), **memory.as_dict()}, first
+
+
+def measure_interleaved(stores, *, rounds, batches, baseline, **stream):
+  """The stores' streams (0 workers) in alternating rounds: round r times ``batches`` batches after the first of
+  an iterator started at batch r * (batches + 1), the stores in turn (the order alternating with r).
+
+  Args:
+    stores: {name: (ct store, mri store)}, two entries.
+    rounds, batches: rounds per store, timed batches per round.
+    baseline, stream: as :func:`measure_stream`.
+
+  Returns:
+    {name: row} (examples/s the median over rounds, per-round examples/s, first-batch seconds of the first round,
+    minor page faults of this process per example made in the store's rounds (memory-mapped pages are mapped
+    into the process on first touch; the in-RAM store's were touched when it was read), memory peaks over all of
+    a store's rounds), {name: first batch of round 0}, per-round speed ratios (first
+    name's examples/s over the second's).
+  """
+  names = list(stores)
+  datasets = {name: _dataset(*stores[name], **stream) for name in names}
+  per_round = {name: [] for name in names}
+  memories = {name: [] for name in names}
+  total_s = {name: 0.0 for name in names}
+  faults = {name: 0 for name in names}
+  first_batch, first_s = {}, {}
+  for r in range(rounds):
+    start = r * (batches + 1)
+    for name in (names if r % 2 == 0 else names[::-1]):
+      with MemoryPeak(baseline) as memory:
+        faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        seconds_to_first, seconds, examples, first = _timed_batches(
+            datasets[name][start:start + batches + 1], 0, batches, memory)
+        faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
+      memories[name].append(memory.as_dict())
+      per_round[name].append(examples / max(seconds, 1e-9))
+      total_s[name] += seconds
+      first_batch.setdefault(name, first)
+      first_s.setdefault(name, seconds_to_first)
+  rows = {}
+  for name in names:
+    rates = per_round[name]
+    rows[name] = {"workers": 0, "rounds": rounds, "first_batch_s": first_s[name],
+                  "examples": rounds * batches * stream["batch"], "examples_per_s": float(np.median(rates)),
+                  "examples_per_s_per_round": rates, "seconds": total_s[name],
+                  "minor_faults_per_example": faults[name] / (rounds * (batches + 1) * stream["batch"]),
+                  **_peaks(memories[name])}
+  ratios = [a / max(b, 1e-9) for a, b in zip(per_round[names[0]], per_round[names[1]])]
+  return rows, first_batch, ratios
 
 
 def _wait_freed(refs, timeout=60.0):
@@ -414,7 +488,9 @@ def main(argv=None):
   parser.add_argument("--mri-cases", type=int, default=4)
   parser.add_argument("--crop", type=int, default=256, help="training crop (px) of the throughput runs")
   parser.add_argument("--batch", type=int, default=8)
-  parser.add_argument("--batches", type=int, default=50, help="timed batches (after the first) per run")
+  parser.add_argument("--batches", type=int, default=50, help="timed batches (after the first) per run or round")
+  parser.add_argument("--rounds", type=int, default=6,
+                      help="rounds per store of the 0-worker comparison (the stores take turns)")
   parser.add_argument("--workers", type=_ints, default=(0, 2), help="grain worker counts, e.g. 0,2")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--ram-fraction", type=float, default=0.4,
@@ -430,8 +506,8 @@ def main(argv=None):
   parser.add_argument("--json", help="also write the numbers to this file")
   args = parser.parse_args(argv)
   cases = sorted(set(args.cases))
-  if not cases or cases[0] < 1 or args.mri_cases < 1 or args.batches < 1 or args.crop > args.size:
-    parser.error("need --cases >= 1, --mri-cases >= 1, --batches >= 1 and --crop <= --size")
+  if not cases or cases[0] < 1 or args.mri_cases < 1 or args.batches < 1 or args.rounds < 1 or args.crop > args.size:
+    parser.error("need --cases >= 1, --mri-cases >= 1, --batches >= 1, --rounds >= 1 and --crop <= --size")
 
   from cmedl_jax import config_base
   from cmedl_jax.data import augment as augment_lib, pipeline
@@ -479,6 +555,7 @@ def main(argv=None):
       t0 = time.perf_counter()
       ct, mri = pipeline.training_stores(cfg.data, progress=False)
       run["second_start_s"] = time.perf_counter() - t0
+      os.sync()  # the cache just written goes to disk now, not in the background of the throughput rows
       run["cache_gib"] = _dir_gib(cfg.data.cache_dir)
       print(f"N = {n}: first start {run['first_start_s']:.1f} s (peak machine memory in use "
             f"{_gib(memory.machine / GIB)} GiB, cache {run['cache_gib']:.2f} GiB), second start "
@@ -490,18 +567,14 @@ def main(argv=None):
       per_ct_case = store_bytes(ct, 1) if len(ct) else 0
       mri_bytes = store_bytes(mri)
       rows = run["throughput"] = []
-      mmap_first = {}
-      for w in args.workers:
-        row, first = measure_stream(ct, mri, workers=w, **stream)
-        rows.append({"store": "mmap", "cases": n, **row})
-        mmap_first[(n, w)] = first
-        _print_row(rows[-1])
       for w in args.workers:
         limit = min(args.ram_fraction * mem_total, 0.7 * _meminfo()["MemAvailable"])
         k = n
         while k > 0 and in_ram_need(per_ct_case, mri_bytes, k, w) > limit:
           k -= 1
-        need = in_ram_need(per_ct_case, mri_bytes, n, w)
+        mmap_row, mmap_first = measure_stream(ct, mri, workers=w, **stream)
+        rows.append({"store": "mmap", "cases": n, **mmap_row})
+        _print_row(rows[-1])
         if k == 0:
           why = f"in-RAM store, {w} workers: skipped, even 1 case needs more than {limit / GIB:.1f} GiB"
           print("  " + why, flush=True)
@@ -509,23 +582,33 @@ def main(argv=None):
           continue
         ct_k = ct if k == n else ct.subset(ct.case_ids[:k])
         if k < n:
-          print(f"  in-RAM store with {w} workers on {n} cases would need ~{need / GIB:.1f} GiB > "
-                f"{limit / GIB:.1f} GiB: both stores on the first {k} cases", flush=True)
-          row, first = measure_stream(ct_k, mri, workers=w, **stream)
-          rows.append({"store": "mmap", "cases": k, **row})
-          mmap_first[(k, w)] = first
+          print(f"  in-RAM store with {w} workers on {n} cases would need "
+                f"~{in_ram_need(per_ct_case, mri_bytes, n, w) / GIB:.1f} GiB > {limit / GIB:.1f} GiB: both stores "
+                f"on the first {k} cases", flush=True)
+          mmap_row, mmap_first = measure_stream(ct_k, mri, workers=w, **stream)
+          rows.append({"store": "mmap", "cases": k, **mmap_row})
           _print_row(rows[-1])
         t0 = time.perf_counter()
         ct_ram, mri_ram = InRamStore(ct_k), InRamStore(mri)
         load_s = time.perf_counter() - t0
-        row, first = measure_stream(ct_ram, mri_ram, workers=w, **stream)
+        if w == 0:  # the ratio from rounds taken in turn; the memory-mapped row above gives its memory alone
+          both, first, ratios = measure_interleaved({"mmap": (ct_k, mri), "in-RAM": (ct_ram, mri_ram)},
+                                                    rounds=args.rounds, **stream)
+          ram_row = dict(both["in-RAM"], mmap_interleaved_examples_per_s=both["mmap"]["examples_per_s"],
+                         mmap_interleaved_examples_per_s_per_round=both["mmap"]["examples_per_s_per_round"],
+                         mmap_minor_faults_per_example=both["mmap"]["minor_faults_per_example"])
+          ratio = float(np.median(ratios))
+        else:
+          ram_row, ram_first = measure_stream(ct_ram, mri_ram, workers=w, **stream)
+          first = {"mmap": mmap_first, "in-RAM": ram_first}
+          ratios = None
+          ratio = mmap_row["examples_per_s"] / max(ram_row["examples_per_s"], 1e-9)
         freed = [weakref.ref(ct_ram), weakref.ref(mri_ram)]
         del ct_ram, mri_ram
         _wait_freed(freed)  # before the next row: grain's prefetch threads finish their item after close()
-        mmap_row = next(r for r in rows if r["store"] == "mmap" and r["cases"] == k and r["workers"] == w)
-        rows.append({"store": "in-RAM", "cases": k, "load_s": load_s, **row,
-                     "same_first_batch": _same_batch(first, mmap_first[(k, w)]),
-                     "ratio_mmap_over_in_ram": mmap_row["examples_per_s"] / max(row["examples_per_s"], 1e-9)})
+        rows.append({"store": "in-RAM", "cases": k, "load_s": load_s, **ram_row,
+                     "same_first_batch": _same_batch(first["in-RAM"], first["mmap"]),
+                     "ratio_mmap_over_in_ram": ratio, "ratios_per_round": ratios})
         _print_row(rows[-1])
       del ct, mri
 
@@ -580,10 +663,18 @@ def _dir_gib(folder):
 def _print_row(r):
   extra = ""
   if r["store"] == "in-RAM":
-    extra = (f"  loaded in {r['load_s']:.1f} s; ratio mmap/in-RAM {r['ratio_mmap_over_in_ram']:.2f}; same first "
-             f"batch: {'yes' if r['same_first_batch'] else 'NO'}")
+    spread = ""
+    if r.get("ratios_per_round"):
+      spread = (f" (median of {len(r['ratios_per_round'])} rounds taken in turn with the memory-mapped store, "
+                f"{min(r['ratios_per_round']):.2f}-{max(r['ratios_per_round']):.2f}; memory-mapped "
+                f"{r['mmap_interleaved_examples_per_s']:.1f} examples/s in them; minor page faults per example "
+                f"{r['mmap_minor_faults_per_example']:.1f} memory-mapped, {r['minor_faults_per_example']:.1f} in-RAM)")
+    extra = (f"  loaded in {r['load_s']:.1f} s; ratio mmap/in-RAM {r['ratio_mmap_over_in_ram']:.2f}{spread}; same "
+             f"first batch: {'yes' if r['same_first_batch'] else 'NO'}")
+  timed = (f"median of {r['rounds']} rounds, {r['examples']} examples in all" if r.get("rounds") else
+           f"{r['examples']} examples in {r['seconds']:.2f} s")
   print(f"  {r['store']:6s} {r['cases']:3d} cases, {r['workers']} workers: {r['examples_per_s']:8.1f} examples/s "
-        f"({r['examples']} examples in {r['seconds']:.2f} s; first batch {r['first_batch_s']:.2f} s); peak machine "
+        f"({timed}; first batch {r['first_batch_s']:.2f} s); peak machine "
         f"memory in use {_gib(r['machine_in_use_gib'])} GiB, RssAnon main {_gib(r['anon_main_at_start_gib'])} at "
         f"start, peak {_gib(r['anon_main_gib'])} + workers {_gib(r['anon_workers_gib'])} = "
         f"{_gib(r['anon_total_gib'])} GiB{extra}", flush=True)
