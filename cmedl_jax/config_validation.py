@@ -20,7 +20,7 @@ from cmedl_jax.metrics import CONVENTIONS
 from cmedl_jax.models.build import SEGMENTERS
 from cmedl_jax.train.validation import BEST_METRICS
 from cmedl_jax.train import methods
-from cmedl_jax.train.networks import ROLES
+from cmedl_jax.train.networks import COMPUTE_DTYPES, ROLES
 
 # Subtrees whose keys are free (passed on as keyword arguments).
 FREE_FORM = ("model.segmenter_kwargs",)
@@ -83,6 +83,7 @@ def check_values(cfg, num_devices=None):
   _choice("translator", cfg.translator, list(methods.TRANSLATORS))
   _choice("conv_backend", cfg.conv_backend, ops.BACKENDS)
   _choice("conv_algorithm", cfg.conv_algorithm, ops.ALGORITHMS)
+  _choice("compute_dtype", cfg.compute_dtype, COMPUTE_DTYPES)
   d = cfg.data
   if not d.make_phantoms:
     for field in ("ct_dir", "mri_dir"):

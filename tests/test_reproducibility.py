@@ -1,13 +1,15 @@
 """The reproducibility contract, with real ``cmedl-train`` processes and real SIGKILLs.
 
 The default configuration (configs/quickstart.py networks, the default CPU kernels, the preprocessed store and
-augmentation) with every step logged, two grain worker processes, batches prefetched to the device and validation
-on a case split off the CT set: two runs give the same metrics.csv and validation.csv, value by value, and keep the
-same best checkpoint; a run killed with SIGKILL between checkpoints, or while an asynchronous checkpoint is being
-written, and restarted with the same command logs, after the restart, exactly what the uninterrupted run logged.
+augmentation) in mixed precision (bfloat16), with every step logged, two grain worker processes, batches
+prefetched to the device and validation on a case split off the CT set: two runs give the same metrics.csv and
+validation.csv, value by value, and keep the same best checkpoint; a run killed with SIGKILL between checkpoints,
+or while an asynchronous checkpoint is being written, and restarted with the same command logs, after the
+restart, exactly what the uninterrupted run logged.
 """
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -42,7 +44,7 @@ def _command(phantom_dirs, workdir, program=("-m", "cmedl_jax.train.main")):
           f"--config.train.total_steps={TOTAL_STEPS}", "--config.train.log_every=1",
           f"--config.train.checkpoint_every={CHECKPOINT_EVERY}", "--config.train.preview_every=0",
           "--config.train.prefetch_to_device=2", "--config.train.async_checkpoint=True",
-          "--config.data.val_cases=1", f"--config.train.val_every={VAL_EVERY}"]
+          "--config.data.val_cases=1", f"--config.train.val_every={VAL_EVERY}", "--config.compute_dtype=bfloat16"]
 
 
 def _start(command, env=None):
@@ -106,6 +108,8 @@ def uninterrupted(phantom_dirs, tmp_path_factory):
 
 def test_two_runs_with_the_same_seed_log_the_same_values(phantom_dirs, uninterrupted, tmp_path):
   _run(_command(phantom_dirs, tmp_path))
+  with open(os.path.join(tmp_path, "config.json")) as f:
+    assert json.load(f)["compute_dtype"] == "bfloat16"
   rows = _rows(tmp_path)
   metrics = rows["metrics"]
   assert float(metrics[1]["total"]) > 0 and metrics[1]["g_adv_ct2mr"] != metrics[TOTAL_STEPS]["g_adv_ct2mr"]

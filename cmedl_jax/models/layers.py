@@ -84,8 +84,20 @@ def instance_norm(x, eps: float = INSTANCE_NORM_EPS):
   return (centred * lax.rsqrt(var + eps)).astype(x.dtype)
 
 
-def batch_norm(train: bool, axis_name: str | None = None, name: str | None = None) -> nn.BatchNorm:
-  """``nn.BatchNorm2d`` defaults (eps 1e-5, momentum 0.1) as a flax ``BatchNorm``.
+class BatchNorm2d(nn.BatchNorm):
+  """flax ``BatchNorm`` whose output keeps the input's dtype.
+
+  Statistics, running averages and the normalisation are float32 (flax promotes a bfloat16 input to the float32
+  parameters); the result is cast back, so a bfloat16 network stays bfloat16 after every normalisation (with a
+  float32 input the cast is a no-op).
+  """
+
+  def __call__(self, x, *args, **kwargs):
+    return super().__call__(x, *args, **kwargs).astype(x.dtype)
+
+
+def batch_norm(train: bool, axis_name: str | None = None, name: str | None = None) -> BatchNorm2d:
+  """``nn.BatchNorm2d`` defaults (eps 1e-5, momentum 0.1) as a flax ``BatchNorm`` (:class:`BatchNorm2d`).
 
   Args:
     train: use (and update) batch statistics; otherwise the running averages.
@@ -97,7 +109,7 @@ def batch_norm(train: bool, axis_name: str | None = None, name: str | None = Non
     PyTorch updates ``running_var`` with the unbiased batch variance, flax with the biased one; the normalisation
     itself (biased variance) is identical.
   """
-  return nn.BatchNorm(
+  return BatchNorm2d(
       use_running_average=not train, momentum=BATCH_NORM_MOMENTUM, epsilon=BATCH_NORM_EPS,
       axis_name=axis_name if train else None, use_fast_variance=False, name=name)
 

@@ -148,7 +148,8 @@ def test_time_variables(cfg, params, batch_stats):
 
 def build_networks(cfg, bn_axis_name="data") -> networks_lib.Networks:
   """The flax modules of the run of ``cfg``."""
-  return networks_lib.build_modules(cfg.model, network_inputs(cfg), bn_axis_name=bn_axis_name)
+  return networks_lib.build_modules(cfg.model, network_inputs(cfg), bn_axis_name=bn_axis_name,
+                                    compute_dtype=cfg.compute_dtype)
 
 
 def compute_losses(params, batch_stats, pools, batch, key, *, nets, cfg):

@@ -46,6 +46,7 @@ ROLES: Mapping[str, Role] = {
     "student": Role("segmenter", "seg"),            # segments CT; the test-time network of CMEDL
 }
 GROUPS = ("gen", "disc", "seg")
+COMPUTE_DTYPES = ("float32", "bfloat16")  # config.compute_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +57,9 @@ class Networks:
     modules: {network name: flax module}, in :data:`ROLES` order, only the networks of the run.
     in_channels: {network name: input channels} (2 for a segmenter on [CT, pseudo MRI]).
     nce_layers, num_patches, nce_temperature: CUT's PatchNCE settings (``model.nce``).
+    compute_dtype: the dtype of activations and convolutions (``config.compute_dtype``). Every call below casts
+      its input to it and its outputs (images, logits, features) back to float32; parameters, BatchNorm
+      statistics and everything the losses reduce stay float32 (docs/design.md, "Mixed precision").
   """
 
   modules: Mapping[str, Any]
@@ -63,6 +67,10 @@ class Networks:
   nce_layers: tuple = CUT_NCE_LAYERS
   num_patches: int = patchnce.NUM_PATCHES
   nce_temperature: float = patchnce.NCE_TEMPERATURE
+  compute_dtype: Any = jnp.float32
+
+  def _in(self, x):
+    return x.astype(self.compute_dtype)
 
   @property
   def names(self) -> tuple[str, ...]:
@@ -79,21 +87,21 @@ class Networks:
   def generate(self, name, params, x, key=None, train=True):
     """(N, H, W, 1) images -> the generator's (N, H, W, 1) translation; ``key`` drives dropout."""
     rngs = {"dropout": key} if key is not None else {}
-    return self.modules[name].apply({"params": params}, x, train=train, rngs=rngs)
+    return _float32(self.modules[name].apply({"params": params}, self._in(x), train=train, rngs=rngs))
 
   def discriminate(self, name, params, x):
     """(N, H, W, 1) images -> PatchGAN logits."""
-    return self.modules[name].apply({"params": params}, x, train=True)
+    return _float32(self.modules[name].apply({"params": params}, self._in(x), train=True))
 
   def segment(self, name, params, batch_stats, x, train=True):
     """(N, H, W, C) images -> (logits (N, H, W, classes), {name: decoder feature map}, new batch_stats)."""
     module = self.modules[name]
     if train:
-      (logits, features), updates = module.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
-                                                 mutable=["batch_stats"])
-      return logits, features, updates["batch_stats"]
-    logits, features = module.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
-    return logits, features, batch_stats
+      (logits, features), updates = module.apply({"params": params, "batch_stats": batch_stats}, self._in(x),
+                                                 train=True, mutable=["batch_stats"])
+      return _float32(logits), _float32(features), updates["batch_stats"]
+    logits, features = module.apply({"params": params, "batch_stats": batch_stats}, self._in(x), train=False)
+    return _float32(logits), _float32(features), batch_stats
 
   def hint_names(self, configured=()):
     """The distillation feature names: ``configured`` if given, else the segmenter's last two decoder maps."""
@@ -103,16 +111,22 @@ class Networks:
   def patch_nce(self, g_params, head_params, source, translated, key):
     """CUT's NCE loss between ``source`` and its translation (same patch locations for both)."""
     generator = self.modules["gen_ct2mr"]
-    feats_k = generator.apply({"params": g_params}, source, nce_layers=self.nce_layers, encode_only=True)
-    feats_q = generator.apply({"params": g_params}, translated, nce_layers=self.nce_layers, encode_only=True)
+    feats_k, feats_q = (_float32(generator.apply({"params": g_params}, self._in(x), nce_layers=self.nce_layers,
+                                                 encode_only=True)) for x in (source, translated))
     patch_ids = patchnce.sample_patch_ids(key, [f.shape for f in feats_k], self.num_patches)
     proj_k = self.modules["nce_head"].apply({"params": head_params}, feats_k, patch_ids)
     proj_q = self.modules["nce_head"].apply({"params": head_params}, feats_q, patch_ids)
     return patchnce.multilayer_patch_nce_loss(proj_q, proj_k, source.shape[0], self.nce_temperature)
 
 
-def build_modules(model_cfg, in_channels: Mapping[str, int], bn_axis_name: Optional[str] = "data") -> Networks:
-  """The modules of the networks named in ``in_channels`` ({name: input channels}) from ``config.model``.
+def _float32(tree):
+  return jax.tree.map(lambda a: a.astype(jnp.float32), tree)
+
+
+def build_modules(model_cfg, in_channels: Mapping[str, int], bn_axis_name: Optional[str] = "data",
+                  compute_dtype="float32") -> Networks:
+  """The modules of the networks named in ``in_channels`` ({name: input channels}) from ``config.model``, computing
+  in ``compute_dtype`` ("float32" | "bfloat16").
 
   Use :func:`cmedl_jax.train.methods.build_networks` for a run's config: it knows which networks the run has.
   """
@@ -131,7 +145,7 @@ def build_modules(model_cfg, in_channels: Mapping[str, int], bn_axis_name: Optio
   return Networks(modules={name: make[ROLES[name].kind]() for name in ordered},
                   in_channels={name: int(in_channels[name]) for name in ordered},
                   nce_layers=tuple(m.nce.layers), num_patches=int(m.nce.num_patches),
-                  nce_temperature=float(m.nce.temperature))
+                  nce_temperature=float(m.nce.temperature), compute_dtype=jnp.dtype(compute_dtype))
 
 
 def init_variables(nets: Networks, key, image_shape):
