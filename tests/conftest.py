@@ -16,8 +16,11 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _cache_dir)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # Preprocessed datasets of the tests (and their subprocesses) go to a folder of this session, not ~/.cache.
 if "CMEDL_CACHE_DIR" not in os.environ:
+  import atexit
+  import shutil
   import tempfile
   os.environ["CMEDL_CACHE_DIR"] = tempfile.mkdtemp(prefix="cmedl_test_preprocessed_")
+  atexit.register(shutil.rmtree, os.environ["CMEDL_CACHE_DIR"], ignore_errors=True)  # the session's, gone with it
 
 
 import pytest  # noqa: E402  (after the environment set-up above)
