@@ -5,6 +5,7 @@
 #   launch/tpu_vm.sh train TPU_NAME ZONE --config configs/cmedl.py:translator=cyclegan,segmenter=unet --workdir /mnt/shared/runs/cmedl \
 #       --config.data.ct_dir=/mnt/shared/data/Lung_CT --config.data.mri_dir=/mnt/shared/data/Lung_T2w
 #   launch/tpu_vm.sh stop TPU_NAME ZONE                   # SIGTERM to every worker's trainer (checkpoint, exit)
+#   launch/tpu_vm.sh check TPU_NAME ZONE --no-torch --overwrite   # the accelerator check, single-host slices
 #
 # Nothing to set for the multi-process start-up: on a TPU VM, JAX reads the worker list and this worker's index
 # from the TPU metadata server. --workdir and the data must be on storage mounted at the same path on every
@@ -39,6 +40,13 @@ case "${ACTION}" in
       export PATH=\$HOME/.local/bin:\$PATH && \
       { cmedl-train ${ARGS} --no_progress > >(tee -a ~/cmedl_train.log) 2>&1 & \
         echo \$! > ~/cmedl_train.pid; wait \$!; }"
+    ;;
+  check)
+    # The accelerator check (cmedl_jax/bench/accelerator.py) on worker 0 of a single-host slice (e.g. v4-8,
+    # v5litepod-8): its stages are single-process. PyTorch has no TPU here; --no-torch leaves its rows out.
+    ARGS=$(printf '%q ' "$@")
+    "${GCLOUD[@]}" ssh "${TPU_NAME}" --zone="${ZONE}" ${PROJECT:+--project="${PROJECT}"} --worker=0 \
+      --command="cd ~/${REMOTE_DIR} && python3 -m cmedl_jax.bench accelerator --out ~/cmedl_check ${ARGS}"
     ;;
   stop)
     "${GCLOUD[@]}" ssh "${TPU_NAME}" "${WHERE[@]}" --command="kill -TERM \$(cat ~/cmedl_train.pid) || true"

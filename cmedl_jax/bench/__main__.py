@@ -1,6 +1,8 @@
 """``python -m cmedl_jax.bench SUBCOMMAND [options]``: benchmarks that print ratios measured in one run.
 
 Subcommands:
+  accelerator  the GPU check: device vs CPU, shard_map vs pmap, the step in JAX fp32/bf16 vs PyTorch, the input
+            pipeline vs the step, train + evaluate, deterministic repeat (--dry-run: on the CPU, tiny)
   convs     where the JAX step's time goes on CPU: the oneDNN convolutions per geometry (ms, GFLOP/s, share)
   data      the memory-mapped training data at real size vs an in-RAM store: starts, examples/s, memory
   metrics   jitted surface metrics vs the DeepMind surface-distance library on a 512x512x100 volume
@@ -12,8 +14,8 @@ import sys
 
 def main(argv=None):
   argv = list(sys.argv[1:] if argv is None else argv)
-  commands = {"convs": "cmedl_jax.bench.conv_profile", "data": "cmedl_jax.bench.data_bench",
-              "metrics": "cmedl_jax.bench.metrics_bench",
+  commands = {"accelerator": "cmedl_jax.bench.accelerator", "convs": "cmedl_jax.bench.conv_profile",
+              "data": "cmedl_jax.bench.data_bench", "metrics": "cmedl_jax.bench.metrics_bench",
               "step": "cmedl_jax.bench.step_bench"}
   if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
     print(__doc__)

@@ -129,29 +129,50 @@ class JaxRunner:
   def metrics(self, metrics):
     return {k: float(v) for k, v in self._jax.device_get(metrics).items()}
 
+  def peak_memory_bytes(self):
+    """Peak bytes allocated on the (first) device, where the platform reports it (GPUs; not the CPU)."""
+    stats = self._jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
 
 class TorchRunner:
   """The PyTorch reference step, eager or with the loss computation under ``torch.compile``."""
 
-  def __init__(self, cfg, batch, compile_mode=False, seed=0):
+  def __init__(self, cfg, batch, compile_mode=False, seed=0, device="cpu", amp_dtype=None, compile_backend=None):
+    import torch
+
     from cmedl_jax.torch_port import reference_step
 
-    self.torch_step = reference_step.CMEDLStep.from_config(cfg, seed=seed)
+    self._torch = torch
+    self.device = torch.device(device)
+    self.torch_step = reference_step.CMEDLStep.from_config(cfg, seed=seed).to(
+        self.device, getattr(torch, amp_dtype) if amp_dtype else None)
     if compile_mode:
-      self.torch_step.compile()
+      self.torch_step.compile(**({"backend": compile_backend} if compile_backend else {}))
     self.batch = batch
 
   def step(self):
-    return self.torch_step.step(self.batch)
+    return self.torch_step.step(self.batch)  # its float() of the losses waits for the device
 
   def metrics(self, metrics):
     return metrics
 
+  def peak_memory_bytes(self):
+    return self._torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+
 
 def jax_config(spec):
-  """The config of a JAX runner: ``spec``'s problem, with its ``conv_backend`` unless it is "default"."""
+  """The config of a JAX runner: ``spec``'s problem, with its ``conv_backend`` unless it is "default" and its
+  ``compute_dtype`` (default float32)."""
   cfg = load_config(spec["config"])
   cfg.data.crop_size, cfg.data.global_batch_size = spec["size"], spec["batch"]
+  cfg.compute_dtype = spec.get("compute_dtype", "float32")
+  for path, value in spec.get("overrides", {}).items():  # {"model.generator.num_blocks": 1, ...}
+    *parents, leaf = path.split(".")
+    section = cfg
+    for name in parents:
+      section = section[name]
+    section[leaf] = value
   if spec.get("conv_backend", "default") != "default":
     cfg.conv_backend = spec["conv_backend"]
   if spec.get("conv_algorithm"):
@@ -160,14 +181,26 @@ def jax_config(spec):
 
 
 def _build_runner(spec):
-  """The runner of ``spec["kind"]`` (jax | torch_eager | torch_compile), built in the calling process."""
+  """The runner of ``spec["kind"]`` (jax | torch_eager | torch_compile), built in the calling process.
+
+  Optional spec keys: ``compute_dtype`` (JAX), ``matmul_precision`` (JAX's ``jax_default_matmul_precision``, e.g.
+  "highest" for float32 comparisons), ``device`` and ``amp_dtype`` (PyTorch: "cuda", "bfloat16" for AMP) and
+  ``tf32`` (PyTorch's TF32 matmuls and cuDNN convolutions; off unless set), ``compile_backend`` (torch.compile's
+  backend; default inductor) and ``overrides`` ({dotted config field: value}, both frameworks).
+  """
   from cmedl_jax.torch_port import reference_step
 
   cfg = jax_config(spec)
   size, batch_size = spec["size"], spec["batch"]
   batch = synthetic_batch(batch_size, size)
   if spec["kind"] != "jax":
-    return TorchRunner(cfg, batch, compile_mode=spec["kind"] == "torch_compile")
+    import torch
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(spec.get("tf32", False))
+    return TorchRunner(cfg, batch, compile_mode=spec["kind"] == "torch_compile", device=spec.get("device", "cpu"),
+                       amp_dtype=spec.get("amp_dtype"), compile_backend=spec.get("compile_backend"))
+  if spec.get("matmul_precision"):
+    import jax
+    jax.config.update("jax_default_matmul_precision", spec["matmul_precision"])
   # One seeded PyTorch init gives both frameworks the same starting weights.
   state_dicts = reference_step.CMEDLStep.from_config(cfg, seed=0).state_dicts()
   return JaxRunner(cfg, state_dicts, batch, (size, size, 1))
@@ -185,7 +218,13 @@ def _serve(conn, spec):
                   backend=kernels.backend, algorithm=kernels.algorithm)
     conn.send(("ready", info))
     first = True
-    while conn.recv() == "step":
+    while True:
+      command = conn.recv()
+      if command == "peak_memory":
+        conn.send(runner.peak_memory_bytes())
+        continue
+      if command != "step":
+        break
       t0 = time.perf_counter()
       metrics = runner.step()
       elapsed = time.perf_counter() - t0
@@ -203,14 +242,28 @@ def _serve(conn, spec):
 class ProcessRunner:
   """A runner living in its own spawned process (see the module docstring for why)."""
 
-  def __init__(self, spec):
+  def __init__(self, spec, wait=True):
     ctx = multiprocessing.get_context("spawn")
     self._conn, child = ctx.Pipe()
     self._process = ctx.Process(target=_serve, args=(child, spec), daemon=True)
     self._process.start()
     child.close()
-    self.info = self._receive(spec["kind"])
+    self._kind = spec["kind"]
+    self.info = None
     self.last_elapsed = None
+    if wait:
+      self.wait_ready()
+
+  def wait_ready(self):
+    """Waits until the runner is built (JAX: compiled); several runners started with ``wait=False`` build at
+    once."""
+    if self.info is None:
+      self.info = self._receive(self._kind)
+    return self.info
+
+  def peak_memory_bytes(self):
+    self._conn.send("peak_memory")
+    return self._conn.recv()
 
   def _receive(self, what):
     try:

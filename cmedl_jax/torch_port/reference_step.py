@@ -184,6 +184,8 @@ class CMEDLStep:
     self.pools = {"mr": ImagePool(pool_size, seed), "ct": ImagePool(pool_size, seed + 1)}
     self.optimizers = dict(optimizers or {})
     self._losses = self.compute_losses
+    self.device = torch.device("cpu")
+    self.amp_dtype = None
     for net in self.networks.values():
       net.train()
 
@@ -216,6 +218,16 @@ class CMEDLStep:
     weights = LossWeights(**{f.name: float(cfg.loss[f.name]) for f in dataclasses.fields(LossWeights)})
     return cls(networks, weights, hint_features=tuple(m.hint_features), pool_size=cfg.pool_size,
                optimizers=optimizers, seed=seed)
+
+  def to(self, device, amp_dtype=None) -> "CMEDLStep":
+    """Moves the networks (and so the optimizers' parameters) to ``device``; with ``amp_dtype`` (e.g.
+    ``torch.bfloat16``) :meth:`step` runs the loss computation under ``torch.autocast`` (PyTorch AMP: float32
+    parameters, autocast's per-op dtypes)."""
+    self.device = torch.device(device)
+    for net in self.networks.values():
+      net.to(self.device)
+    self.amp_dtype = amp_dtype
+    return self
 
   def compile(self, **kwargs) -> "CMEDLStep":
     """Runs the loss computation (forward; AOTAutograd compiles the backward) through ``torch.compile``."""
@@ -268,10 +280,11 @@ class CMEDLStep:
     including ``grad_norm_{gen,disc,seg}`` (before clipping, like the JAX step)."""
     if not self.optimizers:
       raise ValueError("no optimizers: build with CMEDLStep.from_config or pass optimizers=")
-    ct, label, mri = to_torch_batch(batch)
+    ct, label, mri = (t.to(self.device) for t in to_torch_batch(batch))
     for opt in self.optimizers.values():
       opt.optimizer.zero_grad(set_to_none=True)
-    total, metrics, _ = self._losses(ct, label, mri)
+    with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+      total, metrics, _ = self._losses(ct, label, mri)
     total.backward()
     for group, opt in self.optimizers.items():
       metrics[f"grad_norm_{group}"] = opt.grad_norm()
