@@ -97,6 +97,7 @@ def test_training_evaluation_and_the_deterministic_repeat(report):
   train = data["stages"]["train"]
   assert 0.0 <= train["dice_mean"] <= 1.0
   assert train["repeat_bitwise_equal"] is True
+  assert train["repeat_flags"] == "deterministic_ops"  # the CPU ignores the GPU flag; it must not fail
   # the evaluation of the best checkpoint wrote what it reports
   with open(out / "train" / "eval_best" / "summary.json") as f:
     assert json.load(f)["foreground_mean"]["dice"] == pytest.approx(train["dice_mean"])
