@@ -25,6 +25,7 @@ from cmedl_jax.errors import DataError
 from cmedl_jax.train import checkpointing, methods, networks
 from cmedl_jax.train import state as state_lib
 from cmedl_jax.train import step as step_lib
+from cmedl_jax.utils import files
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +90,8 @@ def load_predictor(workdir, step=None, kernels: ops.Kernels | None = None) -> Pr
   """
   best = step == "best"
   subdir = checkpointing.BEST if best else checkpointing.CHECKPOINTS
-  if best and not os.path.isdir(os.path.join(os.fspath(workdir), subdir)):
-    raise FileNotFoundError(f"{os.path.join(os.fspath(workdir), subdir)}: no best checkpoint; it is kept by runs "
+  if best and not files.exists(files.join(workdir, subdir)):
+    raise FileNotFoundError(f"{files.join(workdir, subdir)}: no best checkpoint; it is kept by runs "
                             "that validate during training (data.val_cases or eval.val_dir)")
   ckpt = checkpointing.RunCheckpointer(workdir, async_save=False, subdir=subdir)
   try:

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import tempfile
 import time
 
 from cmedl_jax import ops
 from cmedl_jax.data import dataset_index, nifti_io
 from cmedl_jax.errors import DataError
 from cmedl_jax.evaluate import inference, scoring
+from cmedl_jax.utils import files
 
 
 def default_output_dir(workdir, data_dir, step):
@@ -20,7 +23,7 @@ def default_output_dir(workdir, data_dir, step):
   so evaluating another folder of the same name, or another checkpoint, never replaces earlier results."""
   data_dir = os.path.realpath(os.fspath(data_dir))
   name = os.path.basename(data_dir) + "-" + hashlib.sha256(data_dir.encode()).hexdigest()[:8]
-  return os.path.join(os.fspath(workdir), "eval", name, f"step_{int(step)}")
+  return files.join(workdir, "eval", name, f"step_{int(step)}")
 
 
 def evaluate_run(workdir, data_dir, out_dir=None, *, step=None, batch_size=None, inplane_spacing_mm=None,
@@ -50,29 +53,32 @@ def evaluate_run(workdir, data_dir, out_dir=None, *, step=None, batch_size=None,
   index = dataset_index.load_dataset(data_dir, require_labels=True)
   predictor = inference.load_predictor(workdir, step, kernels)
   out_dir = out_dir or default_output_dir(workdir, data_dir, predictor.step)
-  if os.path.exists(os.path.join(out_dir, "summary.json")) and not overwrite:
+  if files.exists(files.join(out_dir, "summary.json")) and not overwrite:
     raise DataError(out_dir, "holds the results of an earlier evaluation; pass --overwrite (overwrite=True) to "
                              "replace them, or --out to write elsewhere")
-  pred_dir = os.path.join(out_dir, "predictions")
+  # Results for object storage (a gs:// workdir) are written to a local folder first, then uploaded.
+  staging = tempfile.mkdtemp(prefix="cmedl_eval_") if files.is_url(out_dir) else None
+  local_out = staging or out_dir
   segmenter = inference.VolumeSegmenter(predictor, batch_size, target_spacing_mm=inplane_spacing_mm)
   allowed = set(index.labels.values())
-  case_rows, lesion_rows, fp_rows, files = [], [], [], {}
+  case_rows, lesion_rows, fp_rows, predictions = [], [], [], {}
   t0 = time.time()
   for i, case in enumerate(index.cases):
     image, label = nifti_io.load_case(case.image, case.label, allowed_labels=allowed)
     prediction = segmenter(image.data, image.spacing)
-    pred_path = nifti_io.save_like(os.path.join(pred_dir, f"{case.case_id}.nii.gz"), prediction, image)
+    name = f"{case.case_id}.nii.gz"
+    nifti_io.save_like(os.path.join(local_out, "predictions", name), prediction, image)
     row, lesions, fps = scoring.score_case(case.case_id, prediction > 0, label.data > 0, image.spacing,
                                            **metric_kwargs)
     case_rows.append(row)
     lesion_rows += lesions
     fp_rows += fps
-    files[case.case_id] = (pred_path, case.label)
+    predictions[case.case_id] = (files.join(out_dir, "predictions", name), case.label)
     if progress:
       progress(f"[{i + 1}/{len(index.cases)}] {case.case_id}: DSC {row['dice']:.3f}, HD95 {row['hd95_mm']:.2f} mm, "
                f"lesions {row['lesions_detected']}/{row['lesions']} detected, "
                f"{row['false_positive_components']} false-positive component(s)")
-  settings = {"workdir": os.path.abspath(workdir), "checkpoint_step": predictor.step,
+  settings = {"workdir": files.absolute(workdir), "checkpoint_step": predictor.step,
               "method": predictor.cfg.method, "test_time_networks": list(predictor.method.test_time_networks),
               "data": os.path.abspath(data_dir),
               "inplane_spacing_mm": None if segmenter.target_spacing_mm is None else list(segmenter.target_spacing_mm),
@@ -81,5 +87,8 @@ def evaluate_run(workdir, data_dir, out_dir=None, *, step=None, batch_size=None,
               "empty_policy": metric_kwargs.get("empty_policy", "inf"),
               "lesion_connectivity": metric_kwargs.get("connectivity") or "full",
               "seconds": round(time.time() - t0, 2)}
-  summary = scoring.write_results(out_dir, case_rows, lesion_rows, fp_rows, files=files, settings=settings)
+  summary = scoring.write_results(local_out, case_rows, lesion_rows, fp_rows, files=predictions, settings=settings)
+  if staging:
+    files.copy_tree(staging, out_dir)
+    shutil.rmtree(staging, ignore_errors=True)
   return out_dir, summary

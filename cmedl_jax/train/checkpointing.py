@@ -11,14 +11,15 @@ best}``, outside ``train.keep_checkpoints``; ``best`` records the metric and its
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
-import os
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+from cmedl_jax.utils import files
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +32,9 @@ class RunCheckpointer:
   """Saves and restores {state, model, data iterator, config} under ``WORKDIR/checkpoints`` (or ``subdir``)."""
 
   def __init__(self, workdir, *, max_to_keep=3, async_save=True, subdir=CHECKPOINTS):
-    self.directory = os.path.abspath(os.path.join(os.fspath(workdir), subdir))
+    self.directory = files.absolute(files.join(workdir, subdir))  # a local folder or a URL (orbax's epath)
     self.manager = ocp.CheckpointManager(
-        self.directory,
+        epath.Path(self.directory),
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                              enable_async_checkpointing=async_save),
         item_names=("state", "model", "data", "config", "best"),
@@ -76,15 +77,14 @@ class RunCheckpointer:
     state of every process of the new one. The train state is stored as global arrays and restores onto any
     device count.
     """
-    files = sorted(glob.glob(os.path.join(self.directory, str(int(step)), "data", "process_*-of-*.json")))
+    data_dir = epath.Path(files.join(self.directory, str(int(step)), "data"))
+    names = sorted(p.name for p in data_dir.glob("process_*-of-*.json")) if data_dir.exists() else []
     own = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-    if files and not any(os.path.basename(f) == own for f in files):
-      source = next((f for f in files if os.path.basename(f).startswith("process_0-")), files[0])
-      log.info("checkpoint %d was written by another number of processes: data position from %s", step,
-               os.path.basename(source))
+    if names and own not in names:
+      source = next((n for n in names if n.startswith("process_0-")), names[0])
+      log.info("checkpoint %d was written by another number of processes: data position from %s", step, source)
       state = self.restore_state_only(step, abstract_state)
-      with open(source) as f:
-        data_iterator.set_state(json.load(f))
+      data_iterator.set_state(json.loads((data_dir / source).read_text()))
       return state
     restored = self.manager.restore(
         int(step),
@@ -102,7 +102,7 @@ class RunCheckpointer:
 
   def has_model(self, step):
     """Whether the checkpoint at ``step`` holds the ``model`` item (runs saved before it existed do not)."""
-    return os.path.isdir(os.path.join(self.directory, str(int(step)), "model"))
+    return epath.Path(files.join(self.directory, str(int(step)), "model")).exists()
 
   def restore_model(self, step, abstract_model):
     """The test-time networks' variables at ``step``, into the structure of ``abstract_model``."""

@@ -16,6 +16,7 @@ from cmedl_jax import config_validation, distributed
 from cmedl_jax.errors import DataError
 from cmedl_jax.evaluate import run as evaluate_run_lib
 from cmedl_jax.train import trainer
+from cmedl_jax.utils import files
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +60,10 @@ def ensure_phantoms(data_cfg):
 
 def _earlier_summary(out_dir):
   """(summary.json of an earlier evaluation in ``out_dir`` or None, the checkpoint step it evaluated)."""
-  path = os.path.join(out_dir, "summary.json")
-  if not os.path.exists(path):
+  path = files.join(out_dir, "summary.json")
+  if not files.exists(path):
     return None, None
-  with open(path) as f:
-    summary = json.load(f)
+  summary = json.loads(files.read_text(path))
   return summary, summary.get("settings", {}).get("checkpoint_step")
 
 
@@ -71,10 +71,10 @@ def _check_eval_out_dir(cfg, workdir):
   """A fixed ``eval.out_dir`` holding another step's results fails now, not after training (they are kept)."""
   if not (cfg.eval.data_dir and cfg.eval.out_dir):
     return
-  out_dir = os.path.join(workdir, cfg.eval.out_dir)
+  out_dir = files.join(workdir, cfg.eval.out_dir)
   summary, step = _earlier_summary(out_dir)
   if summary is not None and step != int(cfg.train.total_steps):
-    raise DataError(os.path.join(out_dir, "summary.json"), f"holds the evaluation of step {step}; this run ends at "
+    raise DataError(files.join(out_dir, "summary.json"), f"holds the evaluation of step {step}; this run ends at "
                     f"step {cfg.train.total_steps}: set eval.out_dir to another folder (or leave it empty for one "
                     "per step)")
 
@@ -112,7 +112,7 @@ def train_and_evaluate(cfg, workdir, *, progress=True) -> JobResult:
       log.warning("multi-process run: evaluate it with a single process: cmedl-evaluate --workdir %s --data %s",
                   workdir, cfg.eval.data_dir)
     return JobResult(result)
-  out_dir = cfg.eval.out_dir and os.path.join(workdir, cfg.eval.out_dir)
+  out_dir = cfg.eval.out_dir and files.join(workdir, cfg.eval.out_dir)
   out_dir = out_dir or evaluate_run_lib.default_output_dir(workdir, cfg.eval.data_dir, result.final_step)
   summary, step = _earlier_summary(out_dir)
   if summary is not None and step == result.final_step:

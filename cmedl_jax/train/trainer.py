@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import logging
 import math
-import os
+import shutil
 import signal
+import tempfile
 import time
 
 import jax
@@ -84,19 +86,26 @@ class _SigtermFlag:
 
 class MetricWriter:
   """Scalars to a CSV file of WORKDIR (metrics.csv) and (when tensorboardX is installed) TensorBoard event files,
-  tagged ``<tag>/<name>`` (train/...; validation/... in WORKDIR/tensorboard/validation)."""
+  tagged ``<tag>/<name>`` (train/...; validation/... in WORKDIR/tensorboard/validation).
+
+  WORKDIR may be a URL (:mod:`cmedl_jax.utils.files`): the CSV is then rewritten whole at each write, and the
+  event files are written to a local folder and uploaded after each flush.
+  """
 
   def __init__(self, workdir, enabled=True, filename="metrics.csv", tag="train"):
     self.enabled = enabled
-    self.path = os.path.join(workdir, filename)
+    self.path = files.join(workdir, filename)
     self.tag = tag
     self._fields = None
     self._tb = None
+    self._tb_dir = files.join(workdir, "tensorboard", *([] if tag == "train" else [tag]))
+    self._tb_local = None
     if enabled:
       try:
         from tensorboardX import SummaryWriter
-        logdir = os.path.join(workdir, "tensorboard", *([] if tag == "train" else [tag]))
-        self._tb = SummaryWriter(logdir)
+        if files.is_url(workdir):
+          self._tb_local = tempfile.mkdtemp(prefix="cmedl_tensorboard_")
+        self._tb = SummaryWriter(self._tb_local or self._tb_dir)
       except ImportError:
         log.info("tensorboardX not installed: metrics go to %s only", self.path)
 
@@ -106,13 +115,12 @@ class MetricWriter:
     A fresh run moves an existing metrics.csv aside (``metrics.csv.<time>.old``: never appended to or deleted); a
     resumed run drops the rows past ``step`` (logged by the interrupted process; logged again now), atomically.
     """
-    if not self.enabled or not os.path.exists(self.path):
+    if not self.enabled or not files.exists(self.path):
       return
     if step == 0:
       files.move_aside(self.path)
       return
-    with open(self.path, newline="") as f:
-      rows = list(csv.reader(f))
+    rows = list(csv.reader(io.StringIO(files.read_text(self.path), newline="")))
     if len(rows) < 2:
       return
     header = rows[0]
@@ -121,37 +129,43 @@ class MetricWriter:
     kept = [header] + [row for row in rows[1:] if len(row) == len(header) and int(float(row[step_column])) <= step]
     if len(kept) == len(rows):
       return
-    tmp = files.temporary_name(self.path)
-    with open(tmp, "w", newline="") as f:
-      csv.writer(f).writerows(kept)
-    os.replace(tmp, self.path)
+    files.write_text(self.path, _csv_text(kept))
 
   def write(self, step, metrics):
     if not self.enabled:
       return
     row = {"step": int(step), **{k: float(v) for k, v in sorted(metrics.items())}}
     if self._fields is None:
-      exists = os.path.exists(self.path)
+      exists = files.exists(self.path)
       if exists:
-        with open(self.path) as f:
-          self._fields = next(csv.reader(f), None)
+        self._fields = next(csv.reader(io.StringIO(files.read_text(self.path), newline="")), None)
       if not self._fields or set(self._fields) != set(row):
         self._fields = list(row)
         if exists:  # a resumed run with other metrics: start a new file rather than mixing columns
           files.move_aside(self.path)
-        with open(self.path, "w", newline="") as f:
-          csv.writer(f).writerow(self._fields)
-    with open(self.path, "a", newline="") as f:
-      csv.DictWriter(f, self._fields).writerow(row)
+        files.write_text(self.path, _csv_text([self._fields]))
+    files.append_text(self.path, _csv_text([[row[k] for k in self._fields]]))
     if self._tb is not None:
       for k, v in row.items():
         if k != "step":
           self._tb.add_scalar(f"{self.tag}/{k}", v, row["step"])
       self._tb.flush()
+      if self._tb_local:
+        files.copy_tree(self._tb_local, self._tb_dir)
 
   def close(self):
     if self._tb is not None:
       self._tb.close()
+      if self._tb_local:
+        files.copy_tree(self._tb_local, self._tb_dir)
+        shutil.rmtree(self._tb_local, ignore_errors=True)
+
+
+def _csv_text(rows):
+  """CSV lines of ``rows`` as the csv module writes them."""
+  out = io.StringIO(newline="")
+  csv.writer(out).writerows(rows)
+  return out.getvalue()
 
 
 def write_preview(path, batch, images, max_rows=4):
@@ -198,7 +212,8 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
   Args:
     cfg: a config from ``configs/*.py`` (see :mod:`cmedl_jax.config_base`) whose ``data.ct_dir`` and
       ``data.mri_dir`` exist (:func:`cmedl_jax.train.job.train_and_evaluate` generates phantoms first).
-    workdir: checkpoints, metrics.csv, TensorBoard logs, previews and config.json go here.
+    workdir: checkpoints, metrics.csv, TensorBoard logs, previews and config.json go here: a local folder or a
+      URL such as ``gs://bucket/runs/NAME`` (:mod:`cmedl_jax.utils.files`).
     progress: show a progress bar.
     max_steps: stop after this many steps in this call (for tests of interruption); default run to
       ``cfg.train.total_steps``.
@@ -212,7 +227,7 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
   """
   config_validation.validate(cfg, num_devices=jax.device_count())
   d = cfg.data
-  os.makedirs(workdir, exist_ok=True)
+  files.makedirs(workdir)
   kernels = ops.from_config(cfg)
   cpu_form = ops.cpu_form(kernels)  # a missing library fails now, before the data is read
   is_main = jax.process_index() == 0
@@ -270,7 +285,7 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
   writer = MetricWriter(workdir, enabled=is_main)
   val_writer = best = None
   if latest is None and is_main:  # a fresh start: another attempt's best checkpoint is not this run's
-    files.move_aside(os.path.join(workdir, checkpointing.BEST))
+    files.move_aside(files.join(workdir, checkpointing.BEST))
   distributed.barrier("cmedl_best_aside")
   if validator is not None:
     val_writer = MetricWriter(workdir, enabled=is_main, filename="validation.csv", tag="validation")
@@ -296,8 +311,7 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
   log.info("parameters: %s", ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in n_params.items()))
   config_dict = cfg.to_dict()
   if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(config_dict, f, indent=2, default=str)
+    files.write_text(files.join(workdir, "config.json"), json.dumps(config_dict, indent=2, default=str))
 
   train_step = step_lib.make_train_step(nets, cfg, optimizers, mesh=mesh, backend=backend)
   if backend == "pmap":
@@ -387,7 +401,7 @@ def train(cfg, workdir, *, progress=True, max_steps=None) -> TrainResult:
             images_host = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), jax.device_get(images))
           else:  # [multi-process] the rows of host_batch: other processes' rows cannot be fetched here
             images_host = jax.tree.map(distributed.process_local_rows, images)
-          write_preview(os.path.join(workdir, "previews", f"step_{step_number:07d}.png"), fed.host, images_host)
+          write_preview(files.join(workdir, "previews", f"step_{step_number:07d}.png"), fed.host, images_host)
         if val_now:
           validate(step_number)
         if save_now or stop:

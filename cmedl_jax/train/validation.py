@@ -73,11 +73,10 @@ def load_or_write_splits(workdir, ct_ids, data_cfg, val_dir, *, write=True, resu
   Raises:
     ConfigError: a recorded split that the config contradicts, or one whose cases are missing.
   """
-  path = os.path.join(workdir, SPLITS_FILE)
+  path = files.join(workdir, SPLITS_FILE)
   key = {"val_cases": int(data_cfg.val_cases), "seed": int(data_cfg.seed)}
-  if resuming and os.path.exists(path):
-    with open(path) as f:
-      splits = json.load(f)
+  if resuming and files.exists(path):
+    splits = json.loads(files.read_text(path))
     recorded = {k: splits.get(k) for k in key}
     if recorded != key:
       changed = ", ".join(f"{k}: {recorded[k]!r} -> {key[k]!r}" for k in key if recorded[k] != key[k])

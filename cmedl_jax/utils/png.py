@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import struct
 import zlib
 
 import numpy as np
+
+from cmedl_jax.utils import files
 
 
 def _chunk(kind, payload):
@@ -14,7 +15,8 @@ def _chunk(kind, payload):
 
 
 def write_png(path, image):
-  """Writes an 8-bit grayscale (H, W) or RGB (H, W, 3) uint8 array as PNG."""
+  """Writes an 8-bit grayscale (H, W) or RGB (H, W, 3) uint8 array as PNG to ``path`` (a local path or a URL,
+  :mod:`cmedl_jax.utils.files`)."""
   image = np.asarray(image)
   if image.dtype != np.uint8:
     raise ValueError(f"write_png expects uint8, got {image.dtype}")
@@ -26,10 +28,8 @@ def write_png(path, image):
     raise ValueError(f"write_png expects (H, W) or (H, W, 3), got {image.shape}")
   raw = b"".join(b"\x00" + row.tobytes() for row in rows)  # filter type 0 on every row
   header = struct.pack(">IIBBBBB", image.shape[1], image.shape[0], 8, color_type, 0, 0, 0)
-  os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
-  with open(path, "wb") as f:
-    f.write(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(raw, 6))
-            + _chunk(b"IEND", b""))
+  files.write_bytes(path, b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(raw, 6))
+                    + _chunk(b"IEND", b""))
   return path
 
 
