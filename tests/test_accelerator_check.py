@@ -50,7 +50,7 @@ def test_the_device_checks_agree(report):
   assert tests["ok"] is True
   # dry run: "the device" is the CPU itself, so the same program on the same device gives the same numbers
   assert tests["device_vs_cpu"]["max_loss_relative_difference"] == 0.0
-  assert tests["shard_map_vs_pmap"]["devices"] == 8  # the test session's 8 virtual CPU devices
+  assert tests["shard_map_vs_pmap"]["devices"] == 2  # a dry run takes two of the session's 8 virtual CPU devices
   assert tests["shard_map_vs_pmap"]["max_loss_relative_difference"] < 1e-4
   assert tests["checkpoint_round_trip"]["ok"] is True
 

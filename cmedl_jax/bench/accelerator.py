@@ -167,8 +167,8 @@ def stage_tests(ctx):
     print(f"  step on {out['device']} vs CPU: losses within {max(loss_diff.values()):.2e} relative, parameters "
           f"after the step within {param_diff:.2e}", flush=True)
 
-    # shard_map vs pmap on the local devices, two steps from the same state
-    devices = jax.local_devices()
+    # shard_map vs pmap on the local devices (a dry run: two of them), two steps from the same state
+    devices = jax.local_devices()[:2] if ctx.dry else jax.local_devices()
     n = len(devices)
     global_batch = step_bench.synthetic_batch(batch_size * n, size, seed=2)
     mesh = step_lib.make_mesh(devices)
