@@ -18,7 +18,8 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.processes import ROOT, user_environment
+
 BUCKET = "cmedl-test"
 # The quickstart's networks narrowed to a few channels: what is tested is where the run's files go.
 TINY = ["--config.model.segmenter_kwargs.features=(4,8,8)", "--config.model.generator.base_features=4",
@@ -130,10 +131,8 @@ def _train(phantom_dirs, workdir, steps, env=None):
              f"--config.eval.data_dir={ct_dir}", f"--config.train.total_steps={steps}", "--config.train.log_every=1",
              "--config.train.checkpoint_every=2", "--config.train.preview_every=2", "--config.data.val_cases=1",
              "--config.train.val_every=2", *TINY]
-  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-  environment = dict(os.environ, XLA_FLAGS=" ".join(flags), **(env or {}))
-  environment["PYTHONPATH"] = ROOT + os.pathsep + environment.get("PYTHONPATH", "")
-  result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600)
+  result = subprocess.run(command, cwd=ROOT, env=user_environment(**(env or {})), capture_output=True, text=True,
+                          timeout=600)
   assert result.returncode == 0, result.stderr[-4000:]
 
 
@@ -215,8 +214,7 @@ def test_cmedl_evaluate_reads_the_best_checkpoint_from_the_bucket(runs, bucket_e
     command = [sys.executable, "-c", "import sys; from cmedl_jax.evaluate.cli import main_evaluate; "
                "sys.exit(main_evaluate())", "--workdir", workdir, "--data", phantom_dirs[0], "--step", "best",
                "--out", out]
-    environment = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                       **(bucket_env if name == "remote" else {}))
+    environment = user_environment(**(bucket_env if name == "remote" else {}))
     result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     summaries[name] = json.loads(_read(f"{out}/summary.json"))

@@ -18,21 +18,13 @@ import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.processes import ROOT, user_environment
+
 TOTAL_STEPS = 10
 CHECKPOINT_EVERY = 4
 VAL_EVERY = 3
 # Logged values that measure the machine, not the run.
 TIMING_COLUMNS = ("steps_per_second",)
-
-
-def _environment():
-  env = dict(os.environ)
-  # A user's machine: one CPU device (the test session's 8 virtual devices are a test-suite setting).
-  flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-  env["XLA_FLAGS"] = " ".join(flags)
-  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  return env
 
 
 def _command(phantom_dirs, workdir, program=("-m", "cmedl_jax.train.main")):
@@ -49,7 +41,7 @@ def _command(phantom_dirs, workdir, program=("-m", "cmedl_jax.train.main")):
 
 def _start(command, env=None):
   """A run in a session of its own, so that its grain workers can be found (and cleaned up) as its process group."""
-  return subprocess.Popen(command, cwd=ROOT, env=env or _environment(), stdout=subprocess.DEVNULL,
+  return subprocess.Popen(command, cwd=ROOT, env=env or user_environment(), stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
@@ -67,7 +59,7 @@ def _assert_workers_exit(process, seconds=30):
 
 
 def _run(command, env=None, expect=0):
-  result = subprocess.run(command, cwd=ROOT, env=env or _environment(), capture_output=True, text=True,
+  result = subprocess.run(command, cwd=ROOT, env=env or user_environment(), capture_output=True, text=True,
                           timeout=600)
   assert result.returncode == expect, f"exit {result.returncode}:\n{result.stderr[-4000:]}"
   return result
@@ -118,7 +110,7 @@ def test_two_runs_with_the_same_seed_log_the_same_values(phantom_dirs, uninterru
 
 def _killed_run(phantom_dirs, workdir, point):
   """Runs tests/kill_run.py (cmedl-train SIGKILLing itself at ``point``) to its death; its workers must follow."""
-  env = dict(_environment(), CMEDL_TEST_KILL=point)
+  env = user_environment(CMEDL_TEST_KILL=point)
   process = _start(_command(phantom_dirs, workdir, program=(os.path.join(ROOT, "tests", "kill_run.py"),)), env)
   try:
     process.wait(timeout=600)
