@@ -39,7 +39,6 @@ import argparse
 import contextlib
 import csv
 import json
-import math
 import os
 import platform
 import shutil
@@ -48,6 +47,8 @@ import subprocess
 import sys
 import time
 import traceback
+
+from cmedl_jax import bench
 
 STAGES = ("tests", "step", "pipeline", "train")
 
@@ -92,10 +93,8 @@ class _Tee:
 
 
 def _write_json(path, results):
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(results, f, indent=1, default=str)
-  os.replace(tmp, path)
+  from cmedl_jax.utils import files
+  files.write_text(path, json.dumps(results, indent=1, default=str))
 
 
 def environment():
@@ -121,6 +120,16 @@ def environment():
 
 def _relative_difference(a, b):
   return abs(a - b) / max(abs(a), abs(b), 1e-12)
+
+
+def _differences(metrics_a, metrics_b, params_a, params_b):
+  """({metric: relative difference} of two steps' metrics, the largest absolute difference of their parameters)."""
+  import jax
+  import numpy as np
+  losses = {k: _relative_difference(float(metrics_a[k]), float(metrics_b[k])) for k in metrics_a if k != "finite"}
+  params = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+               for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)))
+  return losses, params
 
 
 # ------------------------------------------------------------------------------------------------------ stage 1
@@ -157,9 +166,7 @@ def stage_tests(ctx):
       state, metrics, _ = step(state, step_lib.shard_batch(batch, mesh))
       runs[where] = ({k: float(v) for k, v in jax.device_get(metrics).items()}, jax.device_get(state.params))
     (m_dev, p_dev), (m_cpu, p_cpu) = runs["device"], runs["cpu"]
-    loss_diff = {k: _relative_difference(m_dev[k], m_cpu[k]) for k in m_cpu if k != "finite"}
-    param_diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-                     for a, b in zip(jax.tree.leaves(p_dev), jax.tree.leaves(p_cpu)))
+    loss_diff, param_diff = _differences(m_cpu, m_dev, p_cpu, p_dev)
     out["device_vs_cpu"] = dict(max_loss_relative_difference=max(loss_diff.values()),
                                 loss_relative_difference=loss_diff, max_param_abs_difference=param_diff,
                                 losses_device=m_dev, losses_cpu=m_cpu,
@@ -180,11 +187,9 @@ def stage_tests(ctx):
       state, sm_metrics, _ = sm_step(state, step_lib.shard_batch(global_batch, mesh))
       pm_state, pm_metrics, _ = pm_step(pm_state, jax.tree.map(
           lambda x: x.reshape((n, -1) + x.shape[1:]), global_batch))
-    sm_metrics, pm_metrics = jax.device_get(sm_metrics), jax.device_get(step_lib.unreplicate(pm_metrics))
-    diff = max(_relative_difference(float(sm_metrics[k]), float(pm_metrics[k])) for k in sm_metrics if k != "finite")
-    pdiff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in
-                zip(jax.tree.leaves(jax.device_get(state.params)),
-                    jax.tree.leaves(jax.device_get(step_lib.unreplicate(pm_state).params))))
+    losses, pdiff = _differences(jax.device_get(sm_metrics), jax.device_get(step_lib.unreplicate(pm_metrics)),
+                                 jax.device_get(state.params), jax.device_get(step_lib.unreplicate(pm_state).params))
+    diff = max(losses.values())
     out["shard_map_vs_pmap"] = dict(devices=n, max_loss_relative_difference=diff, max_param_abs_difference=pdiff,
                                     ok=diff <= LOSS_RTOL and pdiff <= PARAM_ATOL)
     print(f"  shard_map vs pmap on {n} device(s), 2 steps: losses within {diff:.2e}, parameters within "
@@ -337,14 +342,6 @@ def stage_pipeline(ctx):
 # ------------------------------------------------------------------------------------------------------ stage 4
 
 
-def _repository_file(*parts):
-  import cmedl_jax
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(cmedl_jax.__file__))), *parts)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: the accelerator check needs the repository (an editable install)")
-  return path
-
-
 def _metrics_rows(path):
   with open(path, newline="") as f:
     return [{k: v for k, v in row.items() if k != "steps_per_second"} for row in csv.DictReader(f)]
@@ -366,7 +363,7 @@ def stage_train(ctx):
   root = os.path.join(ctx.out, "train")
   shutil.rmtree(root, ignore_errors=True)
   os.makedirs(root)
-  config = _repository_file("configs", "quickstart.py")
+  config = bench.repository_file("configs", "quickstart.py")
   phantoms = os.path.join(root, "phantoms")
   common = ["--config", config, f"--config.data.phantoms.out={phantoms}",
             f"--config.data.ct_dir={phantoms}/CT", f"--config.data.mri_dir={phantoms}/MRI",

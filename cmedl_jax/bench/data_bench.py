@@ -56,6 +56,7 @@ import weakref
 
 import numpy as np
 
+from cmedl_jax import bench
 from cmedl_jax.data import store
 
 SPACING_MM = (0.8, 0.8, 2.5)
@@ -440,11 +441,7 @@ def _train_args(config_file, workdir, ct_dir, mri_dir, cache_dir, crop, steps):
 
 def train_start(args, label, workdir, ct_dir, mri_dir, cache_dir, xla_dir, baseline):
   """One ``cmedl-train`` process: seconds until metrics.csv has its first row, wall time, memory peaks."""
-  import cmedl_jax
-  config_file = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(cmedl_jax.__file__))), "configs",
-                             "quickstart.py")
-  if not os.path.isfile(config_file):
-    raise FileNotFoundError(f"{config_file}: --train-start needs the repository's configs/ (an editable install)")
+  config_file = bench.repository_file("configs", "quickstart.py")
   env = dict(os.environ, CMEDL_COMPILATION_CACHE=xla_dir)
   env.pop("JAX_COMPILATION_CACHE_DIR", None)
   shutil.rmtree(workdir, ignore_errors=True)
