@@ -54,12 +54,12 @@ def base_config() -> ml_collections.ConfigDict:
   # they cannot be built), "xla" (XLA:CPU's fast forms), "plain" (lax convolutions and JAX's autodiff, as on
   # GPU/TPU). All are bitwise reproducible; GPU/TPU programs always hold the plain form.
   c.conv_backend = "auto"
-  # Activations and convolutions: "float32" | "bfloat16" (mixed precision: parameters, optimizer states, BatchNorm
-  # statistics and every loss reduction stay float32; docs/design.md, "Mixed precision"). On the CPU, bfloat16
-  # convolutions take the plain XLA form (the library's kernels are float32).
-  c.compute_dtype = "float32"
   c.conv_algorithm = "winograd"    # "onednn" kernels: winograd (3x3 stride-1 layers, channels in multiples of 8,
   #                                  on AVX2 CPUs; ~1e-5 relative error) | direct
+  # Activations and convolutions: "float32" | "bfloat16" (mixed precision: parameters, optimizer states, BatchNorm
+  # statistics and every loss reduction stay float32; docs/design.md, "Mixed precision"). On the CPU, bfloat16
+  # convolutions take XLA's forms (the library's kernels are float32).
+  c.compute_dtype = "float32"
   # init_from.NAME: "" (fresh init) or a cmedl-convert-torch output folder whose weights start network NAME of a
   # new run (a resumed run takes its weights from its checkpoint).
   c.init_from = ml_collections.ConfigDict({name: "" for name, role in networks.ROLES.items() if role.from_torch})

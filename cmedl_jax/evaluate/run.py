@@ -5,9 +5,9 @@ The library function behind ``cmedl-evaluate`` and the evaluation at the end of 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-import shutil
 import tempfile
 import time
 
@@ -56,39 +56,41 @@ def evaluate_run(workdir, data_dir, out_dir=None, *, step=None, batch_size=None,
   if files.exists(files.join(out_dir, "summary.json")) and not overwrite:
     raise DataError(out_dir, "holds the results of an earlier evaluation; pass --overwrite (overwrite=True) to "
                              "replace them, or --out to write elsewhere")
-  # Results for object storage (a gs:// workdir) are written to a local folder first, then uploaded.
-  staging = tempfile.mkdtemp(prefix="cmedl_eval_") if files.is_url(out_dir) else None
-  local_out = staging or out_dir
-  segmenter = inference.VolumeSegmenter(predictor, batch_size, target_spacing_mm=inplane_spacing_mm)
-  allowed = set(index.labels.values())
-  case_rows, lesion_rows, fp_rows, predictions = [], [], [], {}
-  t0 = time.time()
-  for i, case in enumerate(index.cases):
-    image, label = nifti_io.load_case(case.image, case.label, allowed_labels=allowed)
-    prediction = segmenter(image.data, image.spacing)
-    name = f"{case.case_id}.nii.gz"
-    nifti_io.save_like(os.path.join(local_out, "predictions", name), prediction, image)
-    row, lesions, fps = scoring.score_case(case.case_id, prediction > 0, label.data > 0, image.spacing,
-                                           **metric_kwargs)
-    case_rows.append(row)
-    lesion_rows += lesions
-    fp_rows += fps
-    predictions[case.case_id] = (files.join(out_dir, "predictions", name), case.label)
-    if progress:
-      progress(f"[{i + 1}/{len(index.cases)}] {case.case_id}: DSC {row['dice']:.3f}, HD95 {row['hd95_mm']:.2f} mm, "
-               f"lesions {row['lesions_detected']}/{row['lesions']} detected, "
-               f"{row['false_positive_components']} false-positive component(s)")
-  settings = {"workdir": files.absolute(workdir), "checkpoint_step": predictor.step,
-              "method": predictor.cfg.method, "test_time_networks": list(predictor.method.test_time_networks),
-              "data": os.path.abspath(data_dir),
-              "inplane_spacing_mm": None if segmenter.target_spacing_mm is None else list(segmenter.target_spacing_mm),
-              "tolerances_mm": list(metric_kwargs.get("tolerances_mm", ())),
-              "hd95_convention": metric_kwargs.get("convention", "deepmind"),
-              "empty_policy": metric_kwargs.get("empty_policy", "inf"),
-              "lesion_connectivity": metric_kwargs.get("connectivity") or "full",
-              "seconds": round(time.time() - t0, 2)}
-  summary = scoring.write_results(local_out, case_rows, lesion_rows, fp_rows, files=predictions, settings=settings)
-  if staging:
-    files.copy_tree(staging, out_dir)
-    shutil.rmtree(staging, ignore_errors=True)
+  # Results for object storage (a gs:// workdir) are written to a local folder first, then uploaded; the folder
+  # goes when this ends, also on an error.
+  with contextlib.ExitStack() as stack:
+    staging = stack.enter_context(tempfile.TemporaryDirectory(prefix="cmedl_eval_")) if files.is_url(out_dir) else None
+    local_out = staging or out_dir
+    segmenter = inference.VolumeSegmenter(predictor, batch_size, target_spacing_mm=inplane_spacing_mm)
+    allowed = set(index.labels.values())
+    case_rows, lesion_rows, fp_rows, predictions = [], [], [], {}
+    t0 = time.time()
+    for i, case in enumerate(index.cases):
+      image, label = nifti_io.load_case(case.image, case.label, allowed_labels=allowed)
+      prediction = segmenter(image.data, image.spacing)
+      name = f"{case.case_id}.nii.gz"
+      nifti_io.save_like(os.path.join(local_out, "predictions", name), prediction, image)
+      row, lesions, fps = scoring.score_case(case.case_id, prediction > 0, label.data > 0, image.spacing,
+                                             **metric_kwargs)
+      case_rows.append(row)
+      lesion_rows += lesions
+      fp_rows += fps
+      predictions[case.case_id] = (files.join(out_dir, "predictions", name), case.label)
+      if progress:
+        progress(f"[{i + 1}/{len(index.cases)}] {case.case_id}: DSC {row['dice']:.3f}, HD95 {row['hd95_mm']:.2f} mm, "
+                 f"lesions {row['lesions_detected']}/{row['lesions']} detected, "
+                 f"{row['false_positive_components']} false-positive component(s)")
+    settings = {"workdir": files.absolute(workdir), "checkpoint_step": predictor.step,
+                "method": predictor.cfg.method, "test_time_networks": list(predictor.method.test_time_networks),
+                "data": os.path.abspath(data_dir),
+                "inplane_spacing_mm": (None if segmenter.target_spacing_mm is None
+                                       else list(segmenter.target_spacing_mm)),
+                "tolerances_mm": list(metric_kwargs.get("tolerances_mm", ())),
+                "hd95_convention": metric_kwargs.get("convention", "deepmind"),
+                "empty_policy": metric_kwargs.get("empty_policy", "inf"),
+                "lesion_connectivity": metric_kwargs.get("connectivity") or "full",
+                "seconds": round(time.time() - t0, 2)}
+    summary = scoring.write_results(local_out, case_rows, lesion_rows, fp_rows, files=predictions, settings=settings)
+    if staging:
+      files.copy_tree(staging, out_dir)
   return out_dir, summary
